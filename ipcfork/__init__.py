@@ -1,0 +1,54 @@
+"""ipcfork: fork-based multi-tasking with System V and POSIX IPC done right.
+
+Primitives (each over ``backend="posix"`` or ``backend="sysv"``, anonymous or named):
+:class:`Semaphore`, :class:`Mutex` (robust, with ownership), :class:`Barrier`,
+:class:`SharedMemory` and :class:`MessageQueue`.  Errors derive from :class:`IpcforkError`.
+"""
+
+from .barrier import Barrier
+from .errors import (
+    AccessDeniedError,
+    BrokenBarrierError,
+    BufferInUseError,
+    InvalidArgumentError,
+    IpcforkError,
+    LimitExceededError,
+    NotOwnerError,
+    ObjectClosedError,
+    ObjectCorruptError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    QueueEmptyError,
+    QueueFullError,
+    UnsafeObjectError,
+    WaitTimeoutError,
+)
+from .mqueue import MessageQueue
+from .mutex import Mutex
+from .semaphore import Semaphore
+from .shm import SharedMemory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDeniedError",
+    "Barrier",
+    "BrokenBarrierError",
+    "BufferInUseError",
+    "InvalidArgumentError",
+    "IpcforkError",
+    "LimitExceededError",
+    "MessageQueue",
+    "Mutex",
+    "NotOwnerError",
+    "ObjectClosedError",
+    "ObjectCorruptError",
+    "ObjectExistsError",
+    "ObjectNotFoundError",
+    "QueueEmptyError",
+    "QueueFullError",
+    "Semaphore",
+    "SharedMemory",
+    "UnsafeObjectError",
+    "WaitTimeoutError",
+]

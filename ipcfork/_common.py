@@ -1,0 +1,62 @@
+"""Pieces every primitive shares: argument checks, naming, and anonymous-object cleanup."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from ._identity import IDENTITY
+from ._names import DEFAULT_PROJ, check_backend, sysv_key
+from .errors import InvalidArgumentError, ObjectClosedError
+
+__all__ = ["check_count", "describe", "on_creator_exit", "raise_closed", "sysv_key_for"]
+
+
+def describe(kind: str, name: str | os.PathLike[str] | None, backend: str) -> str:
+    """How errors name an object: ``Mutex '/jobs' (posix)`` or ``anonymous Mutex (sysv)``."""
+    if name is None:
+        return f"anonymous {kind} ({backend})"
+    return f"{kind} {os.fspath(name)!r} ({backend})"
+
+
+def check_count(value: object, what: str, *, low: int, high: int) -> int:
+    """Return ``value`` if it is an int in ``low..high``; else raise InvalidArgumentError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(
+            f"{what} must be an int, not {type(value).__name__}", limit=f"{low}..{high}"
+        )
+    if not low <= value <= high:
+        raise InvalidArgumentError(f"{what} must be in {low}..{high}, not {value}",
+                                   limit=f"{low}..{high}")
+    return value
+
+
+def sysv_key_for(
+    name: str | os.PathLike[str] | None, proj: int | str, backend: str
+) -> int | None:
+    """The ftok key of ``name`` for the sysv backend (None when anonymous)."""
+    check_backend(backend)
+    if name is None or backend != "sysv":
+        return None
+    return sysv_key(name, DEFAULT_PROJ if proj is None else proj)
+
+
+def raise_closed(what: str) -> None:
+    """Raise ObjectClosedError for ``what``."""
+    raise ObjectClosedError(f"{what} is closed in this process", obj=what)
+
+
+def on_creator_exit(owner: object, action: Callable[..., Any], *args: Any) -> weakref.finalize:  # type: ignore[type-arg]
+    """Run ``action(*args)`` when ``owner`` is collected or the creator process exits.
+
+    The action never runs in a forked child: the family's objects belong to the creator.
+    """
+    creator = IDENTITY.pid
+
+    def _only_in_creator(*call_args: Any) -> None:
+        if os.getpid() == creator:
+            action(*call_args)
+
+    return weakref.finalize(owner, _only_in_creator, *args)

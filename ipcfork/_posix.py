@@ -1,0 +1,217 @@
+"""Thin adapter over posix_ipc: safe create-or-open, owner checks, timeouts, EINTR retry.
+
+Blocking waits go through ``_libc`` (ctypes) on our own mapping of the semaphore, because
+posix_ipc swallows exceptions raised by signal handlers during its waits.
+
+Anonymous objects are unlinked right after creation: the kernel keeps them alive while a
+process of the family has them open or mapped, so they cannot leak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import posix_ipc
+
+from . import _registry
+from ._libc import WAIT_DONE, WAIT_INTERRUPTED, sem_close, sem_open, sem_timedwait
+from ._names import anonymous_posix_name, posix_name
+from ._security import CREATE_MODE, SEM_T_SIZE, check_owner, check_posix_file, posix_sem_path
+from ._timeouts import Deadline
+from ._translate import translate_exception, translating
+from .errors import InvalidArgumentError, LimitExceededError, ObjectExistsError, ObjectNotFoundError
+
+__all__ = ["PosixSemaphore", "open_posix_shm", "resolve_posix_name", "unlink_posix_shm"]
+
+SEM_VALUE_MAX: int = posix_ipc.SEMAPHORE_VALUE_MAX
+
+
+def resolve_posix_name(name: str | None, kind: str) -> tuple[str, bool]:
+    """Return ``(posix name, anonymous?)`` for a user-supplied name or None."""
+    if name is None:
+        return anonymous_posix_name(kind), True
+    return posix_name(name), False
+
+
+class PosixSemaphore:
+    """A POSIX named semaphore with safe opening and timeouts that survive signals."""
+
+    __slots__ = ("anonymous", "created", "handle", "name", "raw", "what")
+
+    def __init__(
+        self,
+        name: str | None,
+        initial: int,
+        *,
+        create: bool,
+        exclusive: bool,
+        allow_foreign: bool,
+        what: str,
+    ) -> None:
+        if not 0 <= initial <= SEM_VALUE_MAX:
+            raise InvalidArgumentError(
+                f"initial value {initial} is out of range for {what}",
+                obj=what,
+                backend="posix",
+                limit=f"0..{SEM_VALUE_MAX} (SEM_VALUE_MAX)",
+            )
+        self.name, self.anonymous = resolve_posix_name(name, "sem")
+        self.what = what
+        self.created = False
+        raw = None
+        if create or self.anonymous:
+            with contextlib.suppress(ObjectExistsError):
+                with translating(what, "posix", "create"):
+                    raw = posix_ipc.Semaphore(
+                        self.name, posix_ipc.O_CREX, mode=CREATE_MODE, initial_value=initial
+                    )
+                self.created = True
+                # sem_open honours the umask, which may only clear bits: force 0600.
+                os.chmod(posix_sem_path(self.name), CREATE_MODE)
+                if not self.anonymous:
+                    _registry.remember("posix", "semaphore", self.name)
+            if raw is None and (exclusive or self.anonymous):
+                raise ObjectExistsError(f"{what} already exists", obj=what, backend="posix")
+        if raw is None:
+            # Check before sem_open maps the file: a short file would SIGBUS the interpreter.
+            check_posix_file(
+                posix_sem_path(self.name), what, allow_foreign=allow_foreign, min_size=SEM_T_SIZE
+            )
+            with translating(what, "posix", "open"):
+                raw = posix_ipc.Semaphore(self.name, 0)
+        self.raw: Any = raw
+        try:
+            # Our own mapping for waits through ctypes; see _libc for why.
+            self.handle = sem_open(self.name)
+        except OSError as exc:
+            raise translate_exception(exc, what, "posix", "open") from exc
+        finally:
+            if self.anonymous:
+                self.raw.unlink()
+
+    def try_acquire(self) -> bool:
+        """Take one unit without blocking; False if none is free."""
+        try:
+            self.raw.acquire(0)
+            return True
+        except posix_ipc.BusyError:
+            return False
+        except posix_ipc.Error as exc:
+            raise translate_exception(exc, self.what, "posix", "acquire") from exc
+
+    def acquire_slow(self, timeout: float | None) -> bool:
+        """Block until acquired or ``timeout`` passes; retried across signals."""
+        deadline = Deadline(timeout)
+        while True:
+            try:
+                outcome = sem_timedwait(self.handle, deadline.remaining())
+            except OSError as exc:
+                raise translate_exception(exc, self.what, "posix", "acquire") from exc
+            # On EINTR the Python handler runs at the next bytecode; if it raises, we stop.
+            if outcome != WAIT_INTERRUPTED:
+                return outcome == WAIT_DONE
+
+    def release(self, n: int = 1) -> None:
+        with translating(self.what, "posix", "release"):
+            for _ in range(n):
+                self.raw.release()
+
+    @property
+    def value(self) -> int:
+        with translating(self.what, "posix", "value"):
+            return int(self.raw.value)
+
+    def close(self) -> None:
+        if self.handle:
+            sem_close(self.handle)
+            self.handle = 0
+        with contextlib.suppress(posix_ipc.ExistentialError):
+            self.raw.close()
+
+    def unlink(self) -> None:
+        if self.anonymous:
+            return
+        _registry.forget("posix", "semaphore", self.name)
+        with translating(self.what, "posix", "unlink"):
+            try:
+                posix_ipc.unlink_semaphore(self.name)
+            except posix_ipc.ExistentialError:
+                raise ObjectNotFoundError(
+                    f"{self.what} was already removed", obj=self.what, backend="posix"
+                ) from None
+
+
+def _shm_limit() -> int:
+    st = os.statvfs("/dev/shm")
+    return st.f_bavail * st.f_frsize
+
+
+def open_posix_shm(
+    name: str, size: int | None, *, create: bool, exclusive: bool, allow_foreign: bool,
+    what: str, track: bool = False,
+) -> tuple[int, int, bool]:
+    """Create or open a POSIX shared memory object; return ``(fd, size, created)``.
+
+    A new object is zero-filled and its pages are reserved with ``posix_fallocate`` so a
+    full ``/dev/shm`` is an error now rather than a SIGBUS later.
+    """
+    if create or exclusive:
+        if size is None:
+            raise InvalidArgumentError(f"creating {what} needs a size", obj=what, backend="posix")
+        room = _shm_limit()
+        if size > room:
+            raise LimitExceededError(
+                f"{what}: {size} bytes requested but /dev/shm has {room} bytes free",
+                obj=what,
+                backend="posix",
+                limit=f"size <= {room} (free space in /dev/shm)",
+            )
+        try:
+            with translating(what, "posix", "create"):
+                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=CREATE_MODE)
+        except ObjectExistsError:
+            if exclusive:
+                raise
+        else:
+            fd = os.dup(shm.fd)
+            shm.close_fd()
+            os.set_inheritable(fd, False)
+            try:
+                os.fchmod(fd, CREATE_MODE)
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                os.close(fd)
+                posix_ipc.unlink_shared_memory(name)
+                with translating(what, "posix", "reserve"):
+                    raise exc
+            if track:
+                _registry.remember("posix", "shm", name)
+            return fd, size, True
+    with translating(what, "posix", "open"):
+        shm = posix_ipc.SharedMemory(name, 0)
+    fd = os.dup(shm.fd)
+    shm.close_fd()
+    os.set_inheritable(fd, False)
+    st = os.fstat(fd)
+    try:
+        check_owner(st.st_uid, st.st_mode, what, "posix", allow_foreign=allow_foreign)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size, False
+
+
+def unlink_posix_shm(name: str, what: str) -> None:
+    """Remove a named POSIX shared memory object and its registry record.
+
+    Raises ObjectNotFoundError if it is already gone.
+    """
+    _registry.forget("posix", "shm", name)
+    with translating(what, "posix", "unlink"):
+        try:
+            posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.ExistentialError:
+            raise ObjectNotFoundError(f"{what} was already removed", obj=what,
+                                      backend="posix") from None

@@ -1,0 +1,191 @@
+"""What ipcfork processes created, so ``ipcfork ls`` / ``ipcfork clean`` can find leftovers.
+
+Each SysV object and each named POSIX object that ipcfork creates gets a small JSON record
+in a private runtime directory (``$IPCFORK_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/ipcfork``,
+else ``/tmp/ipcfork-<uid>``), naming its creator by token (pid + start time).  The record
+goes when the object is removed through ipcfork.  Anonymous POSIX objects need no record:
+they are unlinked at birth.  POSIX names made by ipcfork carry the creator's pid
+(``/ipcfork.<pid>.<kind>.<random>``) so a scan of ``/dev/shm`` finds them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import posix_ipc
+import sysv_ipc
+
+from ._identity import IDENTITY, process_alive, token_alive, token_pid
+from ._names import POSIX_PREFIX
+from .errors import UnsafeObjectError
+
+__all__ = ["Record", "clean", "forget", "list_objects", "remember", "runtime_dir"]
+
+_SYSV_KINDS = ("semaphore", "shm", "queue")
+
+
+def runtime_dir() -> str:
+    """The registry directory, created 0700 on first use.
+
+    Raises UnsafeObjectError if it exists but belongs to another user or is open to others.
+    """
+    base = os.environ.get("IPCFORK_RUNTIME_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        base = os.path.join(xdg, "ipcfork") if xdg else f"/tmp/ipcfork-{os.geteuid()}"
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    st = os.lstat(base)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise UnsafeObjectError(
+            f"registry directory {base} is not private to uid {os.geteuid()}",
+            limit="owner == current uid, mode 0700",
+        )
+    return base
+
+
+def _record_path(backend: str, kind: str, ident: str) -> str:
+    safe = ident.replace("/", "_")
+    return os.path.join(runtime_dir(), f"{backend}-{kind}-{safe}.json")
+
+
+def remember(backend: str, kind: str, ident: str, **facts: Any) -> None:
+    """Record that this process created an object (best effort: never fails the caller)."""
+    data = {"backend": backend, "kind": kind, "ident": ident, "token": IDENTITY.token}
+    data.update(facts, created=time.time())
+    with contextlib.suppress(OSError):
+        path = _record_path(backend, kind, ident)
+        tmp = f"{path}.{IDENTITY.pid}.tmp"
+        with open(tmp, "w") as out:
+            json.dump(data, out)
+        os.replace(tmp, path)
+
+
+def forget(backend: str, kind: str, ident: str) -> None:
+    """Drop the record of a removed object (missing records are fine)."""
+    with contextlib.suppress(OSError):
+        os.unlink(_record_path(backend, kind, ident))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One ipcfork object found on this machine."""
+
+    backend: str
+    kind: str
+    ident: str
+    creator_pid: int | None
+    creator_alive: bool
+    exists: bool
+    source: str  # "registry" or "scan"
+
+
+def _sysv_exists(kind: str, ident: str) -> bool:
+    table = {"semaphore": "/proc/sysvipc/sem", "shm": "/proc/sysvipc/shm",
+             "queue": "/proc/sysvipc/msg"}
+    try:
+        with open(table[kind]) as listing:
+            next(listing)
+            return any(line.split()[1] == ident for line in listing)
+    except (OSError, KeyError, StopIteration, IndexError):
+        return False
+
+
+def _posix_exists(kind: str, ident: str) -> bool:
+    if kind == "semaphore":
+        return os.path.exists("/dev/shm/sem." + ident.lstrip("/"))
+    if kind == "shm":
+        return os.path.exists("/dev/shm/" + ident.lstrip("/"))
+    try:
+        mq = posix_ipc.MessageQueue(ident, 0)
+    except posix_ipc.Error:
+        return False
+    mq.close()
+    return True
+
+
+_SCAN = re.compile(r"^(sem\.)?" + re.escape(POSIX_PREFIX) + r"(\d+)\.")
+
+
+def _scan_dev_shm() -> list[Record]:
+    found = []
+    for directory, kind in (("/dev/shm", None), ("/dev/mqueue", "queue")):
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(directory):
+                match = _SCAN.match(entry)
+                if not match:
+                    continue
+                pid = int(match.group(2))
+                obj_kind = kind or ("semaphore" if match.group(1) else "shm")
+                name = "/" + entry.removeprefix("sem.")
+                found.append(
+                    Record("posix", obj_kind, name, pid, process_alive(pid), True, "scan")
+                )
+    return found
+
+
+def list_objects() -> list[Record]:
+    """Every ipcfork object this user's registry knows of, plus tagged POSIX names."""
+    records: list[Record] = []
+    seen: set[tuple[str, str, str]] = set()
+    with contextlib.suppress(OSError):
+        base = runtime_dir()
+        for entry in sorted(os.listdir(base)):
+            if not entry.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(base, entry)) as source:
+                    data = json.load(source)
+                backend, kind, ident = data["backend"], data["kind"], str(data["ident"])
+                token = int(data["token"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            exists = (_sysv_exists if backend == "sysv" else _posix_exists)(kind, ident)
+            records.append(
+                Record(backend, kind, ident, token_pid(token), token_alive(token), exists,
+                       "registry")
+            )
+            seen.add((backend, kind, ident))
+    records += [r for r in _scan_dev_shm() if (r.backend, r.kind, r.ident) not in seen]
+    return records
+
+
+def _remove(record: Record) -> None:
+    if record.backend == "sysv":
+        remover = {
+            "semaphore": sysv_ipc.remove_semaphore,
+            "shm": sysv_ipc.remove_shared_memory,
+            "queue": sysv_ipc.remove_message_queue,
+        }[record.kind]
+        with contextlib.suppress(sysv_ipc.Error):
+            remover(int(record.ident))
+    else:
+        remover = {
+            "semaphore": posix_ipc.unlink_semaphore,
+            "shm": posix_ipc.unlink_shared_memory,
+            "queue": posix_ipc.unlink_message_queue,
+        }[record.kind]
+        with contextlib.suppress(posix_ipc.Error):
+            remover(record.ident)
+
+
+def clean(*, include_live: bool = False) -> list[Record]:
+    """Remove ipcfork objects whose creator is dead (or all of them with ``include_live``).
+
+    Returns the records acted on.  Records of objects that no longer exist are dropped.
+    """
+    acted = []
+    for record in list_objects():
+        if record.creator_alive and not include_live:
+            continue
+        if record.exists:
+            _remove(record)
+        if record.source == "registry":
+            forget(record.backend, record.kind, record.ident)
+        acted.append(record)
+    return acted

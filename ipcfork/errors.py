@@ -1,0 +1,132 @@
+"""The exception hierarchy of ipcfork.
+
+Every error derives from :class:`IpcforkError` *and* from the built-in exception a caller
+would already catch (``TimeoutError``, ``FileExistsError``, ``PermissionError``, ...), so
+``except TimeoutError`` keeps working.  Every error pickles (errors cross ``fork`` boundaries
+inside ipcfork) and carries three optional facts that the message also states:
+
+``obj``
+    a description of the object concerned (``"Mutex '/jobs' (posix)"``),
+``backend``
+    ``"sysv"`` or ``"posix"`` where one applies,
+``limit``
+    the limit that was hit, as text (``"SEMVMX=32767"``, ``"size <= 8 GiB"``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+__all__ = [
+    "AccessDeniedError",
+    "BrokenBarrierError",
+    "BufferInUseError",
+    "IpcforkError",
+    "InvalidArgumentError",
+    "LimitExceededError",
+    "NotOwnerError",
+    "ObjectClosedError",
+    "ObjectCorruptError",
+    "ObjectExistsError",
+    "ObjectNotFoundError",
+    "QueueEmptyError",
+    "QueueFullError",
+    "UnsafeObjectError",
+    "WaitTimeoutError",
+]
+
+
+def _rebuild(cls: type[IpcforkError], message: str, facts: dict[str, Any]) -> IpcforkError:
+    return cls(message, **facts)
+
+
+class IpcforkError(Exception):
+    """Base class of every error ipcfork raises on purpose."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        obj: str | None = None,
+        backend: str | None = None,
+        limit: str | None = None,
+    ) -> None:
+        # OSError subclasses interpret positional args as (errno, strerror): pass only the
+        # message so str(err) is always exactly the message.
+        if limit and limit not in message:
+            message = f"{message} (limit: {limit})"
+        Exception.__init__(self, message)
+        self.message = message
+        self.obj = obj
+        self.backend = backend
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        facts = {"obj": self.obj, "backend": self.backend, "limit": self.limit}
+        return (_rebuild, (type(self), self.message, facts), self.__dict__)
+
+
+class InvalidArgumentError(IpcforkError, ValueError):
+    """An argument is out of range or of the wrong form; the message names the limit."""
+
+
+class LimitExceededError(IpcforkError, OverflowError):
+    """A request passes a kernel or library limit (value, size, count)."""
+
+
+class WaitTimeoutError(IpcforkError, TimeoutError):
+    """A blocking call ran out of time (only where a ``False`` return is not the API)."""
+
+
+class ObjectExistsError(IpcforkError, FileExistsError):
+    """Exclusive creation found an object already there."""
+
+
+class ObjectNotFoundError(IpcforkError, FileNotFoundError):
+    """The named object does not exist (or was removed while in use)."""
+
+
+class UnsafeObjectError(IpcforkError, PermissionError):
+    """The object is owned by another user or writable by group/others.
+
+    Opening such an object could let another user tamper with it (a "squatted" name).
+    Pass ``allow_foreign=True`` to open it anyway.  Also raised when the kernel itself
+    refuses access.
+    """
+
+
+class AccessDeniedError(IpcforkError, PermissionError):
+    """The kernel refused access to the object (its mode or owner does not admit us)."""
+
+
+class ObjectCorruptError(IpcforkError, OSError):
+    """The object exists but is malformed (for example a truncated semaphore file)."""
+
+
+class ObjectClosedError(IpcforkError, ValueError):
+    """The handle was closed (or the object unlinked) by this process."""
+
+
+class NotOwnerError(IpcforkError, RuntimeError):
+    """A mutex was released by a process that does not hold it."""
+
+
+class BufferInUseError(IpcforkError, BufferError):
+    """Shared memory cannot be closed while views (memoryview, numpy) still point into it."""
+
+
+class QueueEmptyError(IpcforkError, queue.Empty, TimeoutError):
+    """``get`` found no message in time (also a :class:`queue.Empty`)."""
+
+
+class QueueFullError(IpcforkError, queue.Full, TimeoutError):
+    """``put`` found no room in time (also a :class:`queue.Full`)."""
+
+
+class BrokenBarrierError(IpcforkError, threading.BrokenBarrierError):
+    """A party timed out or aborted, so the barrier cannot complete this round."""

@@ -1,0 +1,209 @@
+"""Mutex: exclusion, ownership, robustness after SIGKILL, timeouts, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import Pipe, fork, reap
+
+import ipcfork
+from ipcfork import Mutex, NotOwnerError, SharedMemory
+
+
+def _hammer(mutex: Mutex, shm: SharedMemory, rounds: int) -> None:
+    counter = shm.buf.cast("Q")
+    for _ in range(rounds):
+        with mutex:
+            value = counter[0]
+            os.sched_yield()  # widen the read-modify-write window
+            counter[0] = value + 1
+
+
+def test_mutual_exclusion_four_processes(backend: str) -> None:
+    mutex = Mutex(backend=backend)
+    shm = SharedMemory(8, backend=backend)
+    rounds = 2000
+    pids = [fork(_hammer, mutex, shm, rounds) for _ in range(4)]
+    assert [reap(pid) for pid in pids] == [0, 0, 0, 0]
+    counter = shm.buf.cast("Q")
+    assert counter[0] == 4 * rounds
+    counter.release()
+    shm.close()
+    mutex.close()
+
+
+def test_owner_and_locked(backend: str) -> None:
+    mutex = Mutex(backend=backend)
+    assert mutex.owner is None and not mutex.locked()
+    assert mutex.acquire()
+    assert mutex.owner == os.getpid() and mutex.locked()
+    assert not mutex.previous_owner_died and mutex.dead_owner_pid is None
+    mutex.release()
+    assert mutex.owner is None
+    mutex.close()
+
+
+def test_release_by_non_owner_is_refused(backend: str) -> None:
+    mutex = Mutex(backend=backend)
+    with pytest.raises(NotOwnerError, match="held by nobody"):
+        mutex.release()
+    mutex.acquire()
+
+    def child() -> int:
+        try:
+            mutex.release()  # the child inherited the handle, not the ownership
+        except NotOwnerError as exc:
+            return 0 if str(os.getppid()) in str(exc) else 2
+        return 1
+
+    assert reap(fork(child)) == 0
+    assert mutex.owner == os.getpid()
+    mutex.release()
+    mutex.close()
+
+
+def _hold_until_killed(mutex: Mutex, ready: Pipe) -> None:
+    mutex.acquire()
+    ready.send()
+    signal.pause()
+
+
+def test_holder_sigkilled_next_acquire_succeeds(backend: str, pipe: Pipe) -> None:
+    mutex = Mutex(backend=backend)
+    holder = fork(_hold_until_killed, mutex, pipe)
+    pipe.recv()
+    assert mutex.owner == holder
+    os.kill(holder, signal.SIGKILL)
+    assert reap(holder) == -signal.SIGKILL
+    assert mutex.acquire(timeout=30)
+    assert mutex.previous_owner_died
+    assert mutex.dead_owner_pid == holder
+    assert mutex.owner == os.getpid()
+    mutex.release()
+    assert not mutex.previous_owner_died
+    assert mutex.acquire(timeout=30) and not mutex.previous_owner_died
+    mutex.release()
+    mutex.close()
+
+
+def test_blocked_waiter_wakes_when_holder_dies(backend: str, pipe: Pipe, pipe2: Pipe) -> None:
+    mutex = Mutex(backend=backend)
+    holder = fork(_hold_until_killed, mutex, pipe)
+    pipe.recv()
+
+    def waiter() -> int:
+        pipe2.send()  # about to block
+        if not mutex.acquire(timeout=30):
+            return 3
+        died, pid = mutex.previous_owner_died, mutex.dead_owner_pid
+        mutex.release()
+        return 0 if died and pid == holder else 4
+
+    waiting = fork(waiter)
+    pipe2.recv()
+    os.kill(holder, signal.SIGKILL)
+    assert reap(holder) == -signal.SIGKILL
+    assert reap(waiting) == 0
+    mutex.close()
+
+
+def test_acquire_timeout_returns_false(backend: str, pipe: Pipe) -> None:
+    mutex = Mutex(backend=backend)
+    holder = fork(_hold_until_killed, mutex, pipe)
+    pipe.recv()
+    assert not mutex.acquire(blocking=False)
+    start = time.monotonic()
+    assert not mutex.acquire(timeout=0.2)
+    elapsed = time.monotonic() - start
+    assert elapsed < 10  # generous: it must return, not block forever
+    assert not mutex.acquire(timeout=0)
+    os.kill(holder, signal.SIGKILL)
+    reap(holder)
+    mutex.close()
+
+
+def test_signal_during_wait_runs_handler_and_keeps_waiting(backend: str, pipe: Pipe) -> None:
+    mutex = Mutex(backend=backend)
+    release_pipe = Pipe()
+
+    def holder() -> None:
+        mutex.acquire()
+        pipe.send()
+        release_pipe.recv()  # released only once the parent's signal handler has run
+        mutex.release()
+
+    child = fork(holder)
+    pipe.recv()
+    calls = []
+
+    def on_alarm(signum: int, frame: object) -> None:
+        calls.append(signum)
+        release_pipe.send()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        assert mutex.acquire()  # interrupted by SIGALRM, then acquired after the release
+        assert calls == [signal.SIGALRM]
+        mutex.release()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release_pipe.close()
+    assert reap(child) == 0
+    mutex.close()
+
+
+def test_raising_signal_handler_interrupts_wait(backend: str, pipe: Pipe) -> None:
+    mutex = Mutex(backend=backend)
+    holder = fork(_hold_until_killed, mutex, pipe)
+    pipe.recv()
+
+    class Interrupted(Exception):
+        pass
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Interrupted):
+            mutex.acquire(timeout=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    os.kill(holder, signal.SIGKILL)
+    reap(holder)
+    mutex.close()
+
+
+def test_named_mutex_is_shared_and_unlinked(backend: str, name: str) -> None:
+    first = Mutex(name, backend=backend)
+    second = Mutex(name, backend=backend, create=False)
+    assert first.acquire()
+    assert not second.acquire(blocking=False)
+    with pytest.raises(NotOwnerError):
+        second.release()  # same process but another handle: ownership is per handle
+    first.release()
+    assert second.acquire(blocking=False)
+    second.release()
+    second.close()
+    first.unlink()
+    first.close()
+    with pytest.raises(ipcfork.ObjectNotFoundError):
+        Mutex(name, backend=backend, create=False)
+
+
+def test_timeout_with_non_blocking_is_an_error(backend: str) -> None:
+    mutex = Mutex(backend=backend)
+    mutex.acquire()
+    with pytest.raises(ipcfork.InvalidArgumentError):
+        mutex.acquire(blocking=False, timeout=1)
+    with pytest.raises(ipcfork.InvalidArgumentError, match=">= 0"):
+        mutex.acquire(timeout=-1)
+    mutex.release()
+    mutex.close()

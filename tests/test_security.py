@@ -1,0 +1,126 @@
+"""Safe names: 0600 whatever the umask; squatted or world-writable objects are refused."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import posix_ipc
+import pytest
+import sysv_ipc
+from conftest import fork, reap
+
+import ipcfork
+from ipcfork import MessageQueue, Mutex, Semaphore, SharedMemory
+
+NOBODY = 65534
+
+OPENERS: dict[str, Callable[..., Any]] = {
+    "semaphore": lambda name, backend, **kw: Semaphore(1, name, backend=backend, **kw),
+    "mutex": lambda name, backend, **kw: Mutex(name, backend=backend, **kw),
+    "shm": lambda name, backend, **kw: SharedMemory(64, name, backend=backend, **kw),
+    "queue": lambda name, backend, **kw: MessageQueue(name, backend=backend, **kw),
+}
+
+
+def _plant(kind: str, name: str, backend: str, uid: int | None) -> None:
+    """Create a 0666 object as ``uid`` (in a child) the way a squatter would."""
+
+    def squatter() -> None:
+        if uid is not None:
+            os.setgid(NOBODY)
+            os.setuid(uid)
+        os.umask(0)
+        if backend == "posix":
+            if kind == "semaphore":
+                posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o666, initial_value=1)
+            elif kind == "mutex":
+                posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o666, initial_value=1)
+                posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o666, size=4096)
+            elif kind == "shm":
+                posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o666, size=64)
+            else:
+                posix_ipc.MessageQueue(name, posix_ipc.O_CREX, mode=0o666)
+            return
+        key = sysv_ipc.ftok(name, ord("i"), silence_warning=True)
+        if kind in ("semaphore", "mutex"):
+            sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode=0o666, initial_value=1)
+        if kind in ("shm", "mutex"):
+            sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode=0o666, size=4096)
+        if kind == "queue":
+            sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=0o666)
+
+    assert reap(fork(squatter)) == 0
+
+
+def _remove_planted(kind: str, name: str, backend: str) -> None:
+    if backend == "posix":
+        removers = {"semaphore": [posix_ipc.unlink_semaphore],
+                    "mutex": [posix_ipc.unlink_semaphore, posix_ipc.unlink_shared_memory],
+                    "shm": [posix_ipc.unlink_shared_memory],
+                    "queue": [posix_ipc.unlink_message_queue]}[kind]
+        for remove in removers:
+            remove(name)
+        return
+    key = sysv_ipc.ftok(name, ord("i"), silence_warning=True)
+    if kind in ("semaphore", "mutex"):
+        sysv_ipc.Semaphore(key).remove()
+    if kind in ("shm", "mutex"):
+        segment = sysv_ipc.SharedMemory(key)  # opening attaches: detach after removing
+        segment.remove()
+        segment.detach()
+    if kind == "queue":
+        sysv_ipc.MessageQueue(key).remove()
+
+
+@pytest.mark.parametrize("kind", sorted(OPENERS))
+@pytest.mark.parametrize("uid", [NOBODY, None], ids=["other-uid", "own-uid-0666"])
+def test_planted_object_is_refused(kind: str, uid: int | None, backend: str, name: str) -> None:
+    _plant(kind, name, backend, uid)
+    try:
+        with pytest.raises(ipcfork.UnsafeObjectError) as info:
+            OPENERS[kind](name, backend)
+        assert isinstance(info.value, PermissionError)
+        assert "allow_foreign=True" in str(info.value)
+        opened = OPENERS[kind](name, backend, allow_foreign=True)
+        opened.close()
+    finally:
+        _remove_planted(kind, name, backend)
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077, 0o277])
+def test_created_objects_are_0600_whatever_the_umask(umask: int, backend: str,
+                                                     name: str) -> None:
+    old = os.umask(umask)
+    try:
+        sem = Semaphore(1, name, backend=backend)
+        shm = SharedMemory(64, name, backend=backend)
+        queue = MessageQueue(name, backend=backend)
+    finally:
+        os.umask(old)
+    try:
+        if backend == "posix":
+            body = name.lstrip("/")
+            modes = [os.stat(f"/dev/shm/sem.{body}").st_mode, os.stat(f"/dev/shm/{body}").st_mode]
+        else:
+            modes = [sem._impl.raw.mode, shm._raw.mode, queue._queue.mode]  # noqa: SLF001
+        assert [stat.S_IMODE(m) for m in modes] == [0o600] * len(modes)
+    finally:
+        for obj in (sem, shm, queue):
+            obj.unlink()
+            obj.close()
+
+
+def test_zero_length_posix_semaphore_is_refused_not_a_crash() -> None:
+    name = f"/ipcfork-test.{os.getpid()}.empty"
+    path = f"/dev/shm/sem.{name[1:]}"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    try:
+        for make in (lambda: Semaphore(1, name), lambda: Mutex(name)):
+            with pytest.raises(ipcfork.ObjectCorruptError, match="too short"):
+                make()
+    finally:
+        os.unlink(path)
