@@ -11,7 +11,9 @@ from ._identity import IDENTITY
 from ._names import DEFAULT_PROJ, check_backend, sysv_key
 from .errors import InvalidArgumentError, ObjectClosedError
 
-__all__ = ["check_count", "describe", "on_creator_exit", "raise_closed", "sysv_key_for"]
+__all__ = [
+    "check_count", "describe", "kernel_limit", "on_creator_exit", "raise_closed", "sysv_key_for",
+]
 
 
 def describe(kind: str, name: str | os.PathLike[str] | None, backend: str) -> str:
@@ -60,3 +62,12 @@ def on_creator_exit(owner: object, action: Callable[..., Any], *args: Any) -> we
             action(*call_args)
 
     return weakref.finalize(owner, _only_in_creator, *args)
+
+
+def kernel_limit(path: str, default: int) -> int:
+    """The first number in a /proc file (a kernel limit), or ``default`` if unreadable."""
+    try:
+        with open(path) as source:
+            return int(source.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default

@@ -91,6 +91,18 @@ class PosixSemaphore:
             if self.anonymous:
                 self.raw.unlink()
 
+    def acquire(self, blocking: bool, timeout: float | None) -> bool:
+        """Take one unit: try at once (no system call), then wait if ``blocking``."""
+        try:
+            self.raw.acquire(0.0)
+            return True
+        except posix_ipc.BusyError:
+            if not blocking:
+                return False
+        except posix_ipc.Error as exc:
+            raise translate_exception(exc, self.what, "posix", "acquire") from exc
+        return self.acquire_slow(timeout)
+
     def try_acquire(self) -> bool:
         """Take one unit without blocking; False if none is free."""
         try:
@@ -114,9 +126,12 @@ class PosixSemaphore:
                 return outcome == WAIT_DONE
 
     def release(self, n: int = 1) -> None:
-        with translating(self.what, "posix", "release"):
-            for _ in range(n):
+        try:
+            self.raw.release()
+            for _ in range(n - 1):
                 self.raw.release()
+        except (posix_ipc.Error, OverflowError, ValueError) as exc:
+            raise translate_exception(exc, self.what, "posix", "release") from exc
 
     @property
     def value(self) -> int:

@@ -85,15 +85,21 @@ class Record:
     source: str  # "registry" or "scan"
 
 
-def _sysv_exists(kind: str, ident: str) -> bool:
+def _sysv_exists(kind: str, ident: str, key: int | None) -> bool:
+    """True if SysV object ``ident`` exists and, when ``key`` is known, still has that key
+    (an id reused by an unrelated object is not ours)."""
     table = {"semaphore": "/proc/sysvipc/sem", "shm": "/proc/sysvipc/shm",
              "queue": "/proc/sysvipc/msg"}
     try:
         with open(table[kind]) as listing:
             next(listing)
-            return any(line.split()[1] == ident for line in listing)
-    except (OSError, KeyError, StopIteration, IndexError):
-        return False
+            for line in listing:
+                fields = line.split()
+                if fields[1] == ident:
+                    return key is None or int(fields[0]) == key
+    except (OSError, KeyError, StopIteration, IndexError, ValueError):
+        pass
+    return False
 
 
 def _posix_exists(kind: str, ident: str) -> bool:
@@ -145,7 +151,11 @@ def list_objects() -> list[Record]:
                 token = int(data["token"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            exists = (_sysv_exists if backend == "sysv" else _posix_exists)(kind, ident)
+            if backend == "sysv":
+                key = data.get("key")
+                exists = _sysv_exists(kind, ident, None if key is None else int(key))
+            else:
+                exists = _posix_exists(kind, ident)
             records.append(
                 Record(backend, kind, ident, token_pid(token), token_alive(token), exists,
                        "registry")

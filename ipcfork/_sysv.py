@@ -20,6 +20,7 @@ from typing import Any
 import sysv_ipc
 
 from . import _registry
+from ._common import kernel_limit
 from ._libc import WAIT_DONE, WAIT_INTERRUPTED, semtimedop
 from ._security import CREATE_MODE, check_owner
 from ._timeouts import Deadline
@@ -31,12 +32,35 @@ from .errors import (
     ObjectNotFoundError,
 )
 
-__all__ = ["SEMVMX", "SysvSemaphore", "open_sysv_queue", "open_sysv_shm", "remove_sysv"]
+__all__ = [
+    "IPC_NOWAIT", "SEMVMX", "SEM_UNDO", "SysvSemaphore", "open_sysv_queue", "open_sysv_shm",
+    "remove_sysv", "semop",
+]
 
 SEMVMX: int = sysv_ipc.SEMAPHORE_VALUE_MAX
+
+
+MSGMAX: int = kernel_limit("/proc/sys/kernel/msgmax", 8192)
 SEM_UNDO = 0x1000
 IPC_NOWAIT = 0o4000
 _INIT_WAIT = 2.0  # seconds an opener waits for a creator to finish initialising
+
+def semop(semid: int, ops: list[tuple[int, int, int]], timeout: float | None, what: str,
+          op: str) -> bool:
+    """Apply ``ops`` atomically within ``timeout`` seconds; False if the time ran out.
+
+    Signals are retried with the time remaining.  Raises ipcfork errors (ObjectNotFoundError
+    if the set was removed meanwhile).
+    """
+    deadline = Deadline(timeout)
+    while True:
+        try:
+            outcome = semtimedop(semid, ops, deadline.remaining())
+        except OSError as exc:
+            raise translate_exception(exc, what, "sysv", op) from exc
+        if outcome != WAIT_INTERRUPTED:
+            return outcome == WAIT_DONE
+
 
 class SysvSemaphore:
     """Member 0 of a SysV semaphore set, with safe opening, timeouts and EINTR retry."""
@@ -102,6 +126,18 @@ class SysvSemaphore:
     def semid(self) -> int:
         return int(self.raw.id)
 
+    def acquire(self, blocking: bool, timeout: float | None) -> bool:
+        """Take one unit, blocking in one ``semop`` when no timeout is set."""
+        if blocking and timeout is None:
+            try:
+                self.raw.acquire()
+                return True
+            except sysv_ipc.Error:
+                return self.acquire_slow(None)  # interrupted, or an error to translate
+        if self.try_acquire():
+            return True
+        return blocking and self.acquire_slow(timeout)
+
     def try_acquire(self) -> bool:
         """Take one unit without blocking; False if none is free."""
         raw = self.raw
@@ -119,15 +155,7 @@ class SysvSemaphore:
     def acquire_slow(self, timeout: float | None) -> bool:
         """Block until acquired or ``timeout`` passes; retried across signals."""
         if timeout is not None:
-            deadline = Deadline(timeout)
-            ops = [(0, -1, self.undo_flag)]
-            while True:
-                try:
-                    outcome = semtimedop(self.semid, ops, deadline.remaining())
-                except OSError as exc:
-                    raise translate_exception(exc, self.what, "sysv", "acquire") from exc
-                if outcome != WAIT_INTERRUPTED:
-                    return outcome == WAIT_DONE
+            return semop(self.semid, [(0, -1, self.undo_flag)], timeout, self.what, "acquire")
         while True:
             try:
                 self.raw.acquire()
@@ -174,7 +202,8 @@ class SysvSemaphore:
 
 def _wrap_open(
     factory: Any, key: int | None, kind: str, *, create: bool, exclusive: bool,
-    allow_foreign: bool, what: str, **create_args: Any,
+    allow_foreign: bool, what: str, open_args: dict[str, Any] | None = None,
+    **create_args: Any,
 ) -> tuple[Any, bool]:
     """Create-or-open a SysV shm segment or queue: ``(raw, created)``."""
     anonymous = key is None
@@ -182,7 +211,8 @@ def _wrap_open(
     if create or anonymous:
         try:
             with translating(what, "sysv", "create"):
-                raw = factory(real_key, sysv_ipc.IPC_CREX, mode=CREATE_MODE, **create_args)
+                raw = factory(real_key, sysv_ipc.IPC_CREX, mode=CREATE_MODE, **create_args,
+                              **(open_args or {}))
         except ObjectExistsError:
             if exclusive:
                 raise
@@ -191,7 +221,7 @@ def _wrap_open(
                 _registry.remember("sysv", kind, str(raw.id), key=real_key)
             return raw, True
     with translating(what, "sysv", "open"):
-        raw = factory(real_key)
+        raw = factory(real_key, **(open_args or {}))
     try:
         check_owner(raw.uid, raw.mode, what, "sysv", allow_foreign=allow_foreign,
                     creator_uid=raw.cuid)
@@ -224,9 +254,11 @@ def open_sysv_shm(
 def open_sysv_queue(
     key: int | None, *, create: bool, exclusive: bool, allow_foreign: bool, what: str,
 ) -> tuple[Any, bool]:
-    """Create or open a SysV message queue."""
+    """Create or open a SysV message queue whose receive buffer takes the largest message
+    the kernel allows (sysv_ipc's default buffer is only 2048 bytes)."""
     return _wrap_open(sysv_ipc.MessageQueue, key, "queue", create=create, exclusive=exclusive,
-                      allow_foreign=allow_foreign, what=what)
+                      allow_foreign=allow_foreign, what=what,
+                      open_args={"max_message_size": MSGMAX})
 
 
 def remove_sysv(raw: Any, kind: str, what: str) -> None:

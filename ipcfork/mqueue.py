@@ -32,13 +32,13 @@ import posix_ipc
 import sysv_ipc
 
 from . import _registry
-from ._common import check_count, describe, on_creator_exit, sysv_key_for
+from ._common import check_count, describe, kernel_limit, on_creator_exit, sysv_key_for
 from ._identity import IDENTITY
 from ._libc import WAIT_DONE, WAIT_INTERRUPTED, WAIT_TIMEOUT, mq_timedreceive, mq_timedsend
 from ._names import POSIX_PREFIX
 from ._posix import open_posix_shm, resolve_posix_name
 from ._security import CREATE_MODE, check_owner
-from ._sysv import open_sysv_queue, remove_sysv
+from ._sysv import MSGMAX, open_sysv_queue, remove_sysv
 from ._timeouts import Deadline, check_timeout
 from ._translate import translate_exception, translating
 from .errors import (
@@ -56,13 +56,6 @@ _SPILL = b"\x01"
 _BACKOFF_START = 0.0005
 _BACKOFF_MAX = 0.005
 
-
-def _read_int(path: str, default: int) -> int:
-    try:
-        with open(path) as source:
-            return int(source.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return default
 
 
 class MessageQueue:
@@ -111,7 +104,7 @@ class MessageQueue:
             self._queue, self.created = open_sysv_queue(
                 key, create=create, exclusive=exclusive, allow_foreign=allow_foreign,
                 what=self._what)
-            self.max_message_size = _read_int("/proc/sys/kernel/msgmax", 8192)
+            self.max_message_size = MSGMAX
             self._queue.max_size  # noqa: B018  (fails early if the queue is unusable)
             self._limits = (f"MSGMAX={self.max_message_size} bytes a message, "
                             f"MSGMNB={self._queue.max_size} bytes a queue")
@@ -122,8 +115,8 @@ class MessageQueue:
     def _open_posix(self, name: str | None, max_messages: int | None,
                     max_message_size: int | None, *, create: bool, exclusive: bool,
                     allow_foreign: bool) -> None:
-        msg_max = _read_int("/proc/sys/fs/mqueue/msg_max", 10)
-        size_max = _read_int("/proc/sys/fs/mqueue/msgsize_max", 8192)
+        msg_max = kernel_limit("/proc/sys/fs/mqueue/msg_max", 10)
+        size_max = kernel_limit("/proc/sys/fs/mqueue/msgsize_max", 8192)
         if max_messages is not None:
             check_count(max_messages, "max_messages", low=1, high=msg_max)
         if max_message_size is not None:
@@ -322,6 +315,8 @@ class MessageQueue:
                 if "Signaled" not in str(exc):
                     raise translate_exception(exc, self._what, "sysv", op) from exc
                 continue
+            except (OSError, ValueError) as exc:
+                raise translate_exception(exc, self._what, "sysv", op) from exc
             remaining = deadline.remaining()
             if not remaining:
                 return False

@@ -4,6 +4,9 @@ The holder's *token* (pid + start time, see ``_identity``) is kept in a word of 
 memory next to the semaphore.  That word gives ``owner``, refuses a release by anyone but
 the holder, and makes the mutex robust:
 
+A named mutex's owner word lives in its own segment (POSIX ``<name>.owner``; SysV key
+``ftok(path, proj ^ 0x80)``) so it never lands in a segment the user named alike.
+
 ``backend="sysv"``
     The semaphore is taken with SEM_UNDO, so the kernel gives it back when the holder dies,
     even by SIGKILL, and wakes a waiter at once.  A clean release zeroes the owner word
@@ -41,7 +44,7 @@ from ._identity import IDENTITY, token_alive, token_pid
 from ._libc import sem_member_exists
 from ._names import check_backend
 from ._posix import PosixSemaphore, open_posix_shm, unlink_posix_shm
-from ._sysv import SysvSemaphore, open_sysv_shm
+from ._sysv import IPC_NOWAIT, SEM_UNDO, SysvSemaphore, open_sysv_shm, semop
 from ._timeouts import Deadline, check_timeout
 from .semaphore import _open_sem
 
@@ -49,6 +52,11 @@ __all__ = ["ROBUST_SLICE", "Mutex"]
 
 ROBUST_SLICE = 0.05  # seconds a posix waiter sleeps before checking for a dead owner
 _STATE_SIZE = mmap.PAGESIZE
+# Where a named mutex keeps its owner word, apart from any segment the user names alike:
+OWNER_SUFFIX = ".owner"  # posix: the shm object "<name>.owner"
+OWNER_KEY_FLIP = 0x80 << 24  # sysv: key ftok(path, proj ^ 0x80), the top byte being proj
+_PHP_GUARD_WAIT = 10.0  # seconds to wait for PHP's sem_get init guard
+_SPINS = 200 if (os.cpu_count() or 1) > 1 else 0
 _ident = IDENTITY  # one global load + one slot load on the fast path
 
 
@@ -66,8 +74,20 @@ class Mutex:
     """
 
     __slots__ = (
-        "__weakref__", "_fd", "_finalizer", "_foreign", "_held", "_owner", "_raw_acquire",
-        "_raw_release", "_sem", "_state", "_what", "backend", "name",
+        "__weakref__",
+        "_fd",
+        "_finalizer",
+        "_foreign",
+        "_held",
+        "_owner",
+        "_php_user",
+        "_raw_acquire",
+        "_raw_release",
+        "_sem",
+        "_state",
+        "_what",
+        "backend",
+        "name",
     )
 
     def __new__(cls, name: str | os.PathLike[str] | None = None, *, backend: str = "posix",
@@ -96,6 +116,7 @@ class Mutex:
         self._what = self._sem.what
         self._fd = -1
         self._foreign = False
+        self._php_user = 0
         try:
             self._state: Any = self._open_state(create or self._sem.created, allow_foreign)
         except BaseException:
@@ -113,26 +134,52 @@ class Mutex:
         """Open the shared word holding the owner's token (same name/key as the semaphore)."""
         sem = self._sem
         if isinstance(sem, PosixSemaphore):
-            name = sem.name
+            name = sem.name if sem.anonymous else sem.name + OWNER_SUFFIX
             self._fd, _, _ = open_posix_shm(name, _STATE_SIZE, create=create, exclusive=False,
                                             allow_foreign=allow_foreign, what=self._what,
                                             track=not sem.anonymous)
             if sem.anonymous:
                 posix_ipc.unlink_shared_memory(name)
             return mmap.mmap(self._fd, _STATE_SIZE)
-        key = None if sem.anonymous else sem.key
-        foreign = not sem.created and sem_member_exists(sem.semid, 2)
-        try:
-            raw, _ = open_sysv_shm(key, _STATE_SIZE, create=create and not foreign,
-                                   exclusive=False, allow_foreign=allow_foreign,
-                                   what=self._what)
-        except errors.ObjectNotFoundError:
-            if not foreign:
-                raise
-            # A set made by another program (PHP): no owner word to share; track locally.
+        if not sem.created and sem_member_exists(sem.semid, 1):
+            # ipcfork's sets have one member; a larger one was made by another program (PHP's
+            # sem_get makes three).  Its owner has no owner word, and a segment under the same
+            # key is that program's data, which we must not write into: track locally.
             self._foreign = True
+            if sem_member_exists(sem.semid, 2):
+                self._join_php_users()
             return bytearray(8)
+        key = None if sem.anonymous else sem.key ^ OWNER_KEY_FLIP
+        raw, _ = open_sysv_shm(key, _STATE_SIZE, create=create, exclusive=False,
+                               allow_foreign=allow_foreign, what=self._what)
         return raw
+
+    def _join_php_users(self) -> None:
+        """Count ourselves among the users of a PHP ``sem_get`` set, as PHP does.
+
+        PHP resets the lock to its maximum whenever ``sem_get`` finds the usage count (member
+        1) at zero, which would break a lock we hold; so we take part in its protocol: wait
+        for member 2 (an init guard) to be zero and raise it, add one to the usage count,
+        lower the guard, all with SEM_UNDO so a SIGKILL undoes our share.
+        """
+        assert isinstance(self._sem, SysvSemaphore)  # only sysv sets come from PHP
+        semid = self._sem.semid
+        if not semop(semid, [(2, 0, 0), (2, 1, SEM_UNDO)], _PHP_GUARD_WAIT, self._what,
+                     "join PHP users"):
+            raise errors.WaitTimeoutError(
+                f"{self._what}: PHP's init guard (member 2) stayed taken",
+                obj=self._what, backend="sysv", limit=f"{_PHP_GUARD_WAIT} s")
+        semop(semid, [(2, -1, SEM_UNDO), (1, 1, SEM_UNDO)], None, self._what,
+              "join PHP users")
+        self._php_user = _ident.pid
+
+    def _leave_php_users(self) -> None:
+        # Only the process that joined carries the SEM_UNDO adjustment to balance.
+        if self._php_user == _ident.pid and isinstance(self._sem, SysvSemaphore):
+            self._php_user = 0
+            with contextlib.suppress(errors.IpcforkError):
+                semop(self._sem.semid, [(1, -1, SEM_UNDO | IPC_NOWAIT)], 0, self._what,
+                      "leave PHP users")
 
     def __repr__(self) -> str:
         owner = self.owner
@@ -169,7 +216,11 @@ class Mutex:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        # release() inlined: a second Python call would cost as much as the release itself.
+        if self._held is not _ident.token:
+            self._not_owner()
+        self._held = self._owner[0] = 0
+        self._raw_release()
 
     # -- slow paths ---------------------------------------------------------------------
 
@@ -194,9 +245,11 @@ class Mutex:
                 return True
             return self.backend == "posix" and self._take_over_dead_owner()
         if self.backend == "sysv":
-            if not self._sem.acquire_slow(timeout):
+            if not (self._sem.try_acquire() or self._sem.acquire_slow(timeout)):
                 return False
             self._took()
+            return True
+        if timeout != 0 and self._spin():
             return True
         deadline = Deadline(timeout)
         while True:
@@ -209,6 +262,24 @@ class Mutex:
                 return True
             if deadline.expired():
                 return False
+
+    def _spin(self) -> bool:
+        """Briefly poll the semaphore before sleeping (posix only).
+
+        Critical sections are usually shorter than a sleep and wake-up, and on a multi-core
+        machine the holder is running right now: watching the value (a plain read of shared
+        memory in glibc) and retrying when it turns positive beats a futex sleep.
+        """
+        raw = self._sem.raw
+        for _ in range(_SPINS):
+            if raw.value > 0:
+                try:
+                    raw.acquire(0.0)
+                except posix_ipc.BusyError:
+                    continue
+                self._took()
+                return True
+        return False
 
     def _took(self) -> None:
         """Record this process as the holder after taking the semaphore."""
@@ -277,6 +348,7 @@ class Mutex:
         if self._state is None:
             return
         self._finalizer()
+        self._leave_php_users()
         self._owner.release()
         if isinstance(self._state, mmap.mmap):
             self._state.close()
@@ -292,7 +364,7 @@ class Mutex:
         if isinstance(self._sem, PosixSemaphore):
             if not self._sem.anonymous:
                 with contextlib.suppress(errors.ObjectNotFoundError):
-                    unlink_posix_shm(self._sem.name, self._what)
+                    unlink_posix_shm(self._sem.name + OWNER_SUFFIX, self._what)
         elif not self._sem.anonymous and not self._foreign and self._state is not None:
             with contextlib.suppress(sysv_ipc.Error):
                 self._state.remove()
@@ -322,6 +394,8 @@ class _PosixMutex(Mutex):
     __slots__ = ()
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            return self._acquire_contended(blocking, timeout)  # validates, then tries first
         try:
             self._raw_acquire(0.0)
         except posix_ipc.Error:

@@ -93,12 +93,7 @@ class Semaphore:
             timeout = check_timeout(timeout)
             if not blocking:
                 raise errors.InvalidArgumentError("a timeout makes no sense with blocking=False")
-        impl = self._impl
-        if impl.try_acquire():
-            return True
-        if not blocking:
-            return False
-        return impl.acquire_slow(timeout)
+        return self._impl.acquire(blocking, timeout)
 
     def release(self, n: int = 1) -> None:
         """Add ``n`` units, waking up to ``n`` waiters.
@@ -116,14 +111,14 @@ class Semaphore:
         return self._impl.value
 
     def __enter__(self) -> Semaphore:
-        self.acquire()
+        self._impl.acquire(True, None)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        self._impl.release(1)
 
     def close(self) -> None:
         """Drop this process's handle.  An anonymous SysV semaphore is removed when its

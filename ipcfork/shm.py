@@ -21,7 +21,7 @@ from typing import Any
 import posix_ipc
 import sysv_ipc
 
-from ._common import check_count, describe, raise_closed, sysv_key_for
+from ._common import check_count, describe, kernel_limit, raise_closed, sysv_key_for
 from ._posix import open_posix_shm, resolve_posix_name, unlink_posix_shm
 from ._sysv import open_sysv_shm, remove_sysv
 from ._translate import translating
@@ -31,10 +31,6 @@ __all__ = ["SharedMemory"]
 
 MAX_SIZE = sys.maxsize  # the real limit (free /dev/shm, SHMMAX) is checked at creation
 
-
-def _read_limit(path: str) -> int:
-    with open(path) as source:
-        return int(source.read().split()[0])
 
 
 class SharedMemory:
@@ -90,7 +86,7 @@ class SharedMemory:
             self._buf = memoryview(self._map)
         else:
             if creating and size is not None:
-                shmmax = _read_limit("/proc/sys/kernel/shmmax")
+                shmmax = kernel_limit("/proc/sys/kernel/shmmax", MAX_SIZE)
                 if size > shmmax:
                     from .errors import LimitExceededError
 

@@ -3,6 +3,7 @@ signal handlers restored; plus the ``backend`` fixture and fork helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -89,10 +90,8 @@ class Pipe:
 
     def close(self) -> None:
         for fd in (self.r, self.w):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def test_clean_removes_objects_of_a_killed_creator(pipe: Pipe, keyfile: str) -> 
 def test_clean_spares_live_creators() -> None:
     sem = ipcfork.Semaphore(1, backend="sysv")
     out = _cli("clean").stdout
-    assert str(sem._impl.semid) not in out  # noqa: SLF001
+    assert str(sem._impl.semid) not in out
     assert sem.acquire(blocking=False)
     sem.close()
 

@@ -200,6 +200,10 @@ def test_named_mutex_is_shared_and_unlinked(backend: str, name: str) -> None:
 
 def test_timeout_with_non_blocking_is_an_error(backend: str) -> None:
     mutex = Mutex(backend=backend)
+    for bad in ({"timeout": -1}, {"timeout": float("nan")}, {"blocking": False, "timeout": 1}):
+        with pytest.raises(ipcfork.InvalidArgumentError):  # checked even when the lock is free
+            mutex.acquire(**bad)  # type: ignore[arg-type]
+    assert not mutex.locked()
     mutex.acquire()
     with pytest.raises(ipcfork.InvalidArgumentError):
         mutex.acquire(blocking=False, timeout=1)

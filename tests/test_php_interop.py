@@ -99,9 +99,14 @@ def run_php(php: str, tmp_path: Path) -> RunPhp:
     return run
 
 
+def _raw_key(path: str, proj: str) -> int:
+    """``ftok(path, proj)`` as sysv_ipc takes it."""
+    return int(sysv_ipc.ftok(path, ord(proj), silence_warning=True))
+
+
 def _key(path: str, proj: str) -> int:
     """``ftok(path, proj)`` as an unsigned 32-bit number (how /proc/sysvipc is compared)."""
-    return int(sysv_ipc.ftok(path, ord(proj), silence_warning=True)) & 0xFFFFFFFF
+    return _raw_key(path, proj) & 0xFFFFFFFF
 
 
 def _objects_with_keys(keys: set[int]) -> list[tuple[str, int]]:
@@ -151,6 +156,22 @@ def _receive(queue: MessageQueue, mtype: int, php: subprocess.Popen[bytes]) -> b
             continue
         return data
     raise AssertionError(f"no message of type {mtype} from PHP within {WAIT} s")
+
+
+def _wait_until_queued(semaphore: sysv_ipc.Semaphore, php: subprocess.Popen[bytes]) -> None:
+    """Return once a process waits on ``semaphore`` (member 0) to become non-zero.
+
+    Spins on the kernel's wait count, yielding the CPU (no sleep); fails at once if PHP
+    exits and after WAIT seconds.
+    """
+    deadline = time.monotonic() + WAIT
+    while semaphore.waiting_for_nonzero == 0:
+        if php.poll() is not None:
+            out, err = php.communicate()
+            raise AssertionError(php_failure("worker", php.returncode, out, err))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"PHP did not wait on the lock within {WAIT} s")
+        os.sched_yield()
 
 
 # -- shared memory ------------------------------------------------------------------------
@@ -238,42 +259,116 @@ def test_ipcfork_opens_segment_php_created(keyfile: str, run_php: RunPhp, sweep:
 # -- message queues -------------------------------------------------------------------------
 
 
-def test_raw_messages_both_ways(keyfile: str, run_php: RunPhp, sweep: None) -> None:
-    """Raw-mode messages cross unchanged both ways: PHP receives (type 1, serialize=false)
-    each message Python put, including an empty one, non-UTF-8 bytes and 8000 bytes, and
-    sends it back reversed (type 2); then sends one of its own (type 3).  Python gets each
-    one with a timeout, byte-exact and in order."""
-    rng = random.Random(20240601)
-    messages = [
+_RNG = random.Random(20240601)
+# Raw messages by size: "short" ones fit sysv_ipc's default 2048-byte buffer; "long" ones go
+# up to MSGMAX (8192 here), which ipcfork reports as the SysV queue's max_message_size.
+RAW_MESSAGES = {
+    "short": [
         b"plain ascii",
         b"",
         b"\x00",
         b"\xff\xfe\xc3\x28 invalid utf-8 \x80\xbf\xed\xa0\x80",
         bytes(range(256)),
-        rng.randbytes(8000),
-    ]
+        _RNG.randbytes(2048),
+    ],
+    "long": [_RNG.randbytes(8000), _RNG.randbytes(8192)],
+}
+
+
+def _put(queue: MessageQueue, message: bytes, mtype: int) -> None:
+    """``queue.put`` that turns any failure into a clear assertion."""
+    try:
+        queue.put(message, timeout=WAIT, type=mtype)
+    except Exception as exc:
+        raise AssertionError(
+            f"ipcfork could not put a raw {len(message)}-byte message on a SysV queue whose "
+            f"max_message_size is {queue.max_message_size}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _get(queue: MessageQueue, mtype: int, size: int) -> bytes:
+    """``queue.get`` that turns any failure into a clear assertion."""
+    try:
+        data: bytes = queue.get(timeout=WAIT, type=mtype)
+    except Exception as exc:
+        raise AssertionError(
+            f"ipcfork could not get a raw {size}-byte message from a SysV queue whose "
+            f"max_message_size is {queue.max_message_size}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return data
+
+
+@pytest.mark.parametrize("sizes", sorted(RAW_MESSAGES))
+def test_raw_messages_python_to_php_and_back(
+    sizes: str, keyfile: str, run_php: RunPhp, sweep: None
+) -> None:
+    """Raw-mode messages Python puts (type 1) reach PHP (``msg_receive(..., false)``)
+    byte-exact, including an empty one, NULs, non-UTF-8 bytes and, for "long", 8000 and
+    8192 (MSGMAX) bytes; PHP sends each back reversed (type 2) and Python gets them, with a
+    timeout, byte-exact and in order.
+
+    The "long" case FAILS with ipcfork as of this writing (see _put's message): the SysV
+    queue is opened through sysv_ipc without ``max_message_size``, so sysv_ipc's default
+    buffer of 2048 bytes applies although ipcfork reports 8192."""
+    messages = RAW_MESSAGES[sizes]
     queue = MessageQueue(name=keyfile, backend="sysv", raw=True)
     try:
         assert queue.created
         for message in messages:
-            queue.put(message, type=1)
+            _put(queue, message, 1)
         out = run_php(
             r"""
             [, $path, $count] = $argv;
             $q = msg_get_queue(ftok($path, "i"));
+            $sizes = [];
             for ($i = 0; $i < (int) $count; $i++) {
                 // Everything was queued before PHP started: never block, fail instead.
                 msg_receive($q, 1, $type, 8192, $msg, false, MSG_IPC_NOWAIT);
                 msg_send($q, 2, strrev($msg), false, false);
+                $sizes[] = strlen($msg);
             }
-            $own = "from php \x00\xff\x80" . str_repeat("\xfe\x01", 1500);
-            msg_send($q, 3, $own, false, false);
-            echo bin2hex($own);
+            echo implode(" ", $sizes);
             """,
             keyfile, str(len(messages)))
+        assert [int(size) for size in out.split()] == [len(m) for m in messages]
         for message in messages:
-            assert queue.get(timeout=WAIT, type=2) == message[::-1]
-        assert queue.get(timeout=WAIT, type=3) == bytes.fromhex(out)
+            assert _get(queue, 2, len(message)) == message[::-1]
+        assert queue.qsize() == 0
+    finally:
+        queue.unlink()
+        queue.close()
+
+
+@pytest.mark.parametrize("sizes", sorted(RAW_MESSAGES))
+def test_raw_messages_php_to_python(
+    sizes: str, keyfile: str, run_php: RunPhp, sweep: None
+) -> None:
+    """Raw messages PHP sends (``msg_send(..., false)``, type 3) to a queue ipcfork created
+    arrive in Python byte-exact and in order: the same sizes as above, with PHP's own bytes
+    (a non-UTF-8 prefix, then ``random_bytes``).
+
+    The "long" case FAILS with ipcfork as of this writing (see _get's message): receiving
+    through sysv_ipc's default 2048-byte buffer makes msgrcv fail with E2BIG, which also
+    escapes untranslated as a bare OSError."""
+    sizes_wanted = [len(m) for m in RAW_MESSAGES[sizes]]
+    queue = MessageQueue(name=keyfile, backend="sysv", raw=True)
+    try:
+        out = run_php(
+            r"""
+            [, $path] = $argv;
+            $q = msg_get_queue(ftok($path, "i"));
+            foreach (array_slice($argv, 2) as $size) {
+                $size = (int) $size;
+                $msg = substr("\xff\x00\x80php\xc3\x28" . random_bytes($size + 1), 0, $size);
+                msg_send($q, 3, $msg, false, false);
+                echo bin2hex($msg), "\n";
+            }
+            """,
+            keyfile, *map(str, sizes_wanted))
+        sent = [bytes.fromhex(line) for line in out.split("\n")[:-1]]
+        assert [len(m) for m in sent] == sizes_wanted
+        for message in sent:
+            assert _get(queue, 3, len(message)) == message
         assert queue.qsize() == 0
     finally:
         queue.unlink()
@@ -345,15 +440,24 @@ def test_php_and_python_share_a_lock(
         counter = shm.buf.cast("Q")
         cleanup.callback(counter.release)
 
+        # Start together, and provably overlapping: hold the lock, let PHP go, and release
+        # only once PHP waits in sem_acquire.  A SysV release completes a queued waiter's
+        # operation at once, so PHP's first increment comes between our first two.
+        mutex.acquire()
         queue.put(b"go", type=1)
+        _wait_until_queued(sysv_ipc.Semaphore(_raw_key(keyfile, "i")), worker)
         mine: int | None = None
         interleaved = 0
-        for _ in range(n):
-            with mutex:
+        for i in range(n):
+            if i:
+                mutex.acquire()
+            try:
                 value = counter[0]
                 if mine is not None and value != mine:
                     interleaved += 1
                 mine = counter[0] = value + 1
+            finally:
+                mutex.release()
         done = _receive(queue, 2, worker)
         out, err = worker.communicate(timeout=PHP_TIMEOUT)
         assert worker.returncode == 0, php_failure("worker", worker.returncode, out, err)
@@ -362,8 +466,8 @@ def test_php_and_python_share_a_lock(
         assert counter[0] == 2 * n, (
             f"lost updates: counter {counter[0]} != {2 * n} (interleavings seen: "
             f"Python {interleaved}, PHP {php_interleaved})")
+        assert interleaved > 0, "PHP never incremented between two of our increments"
         assert not mutex.locked()
-        print("INTERLEAVED", interleaved, php_interleaved)
 
 
 # -- security --------------------------------------------------------------------------------
@@ -433,7 +537,7 @@ def test_world_writable_php_object_is_refused(
         _open_and_use(kind, keyfile, create=False, allow_foreign=True)
 
 
-# -- known interop bug ------------------------------------------------------------------------
+# -- interop bugs found (regression tests) ----------------------------------------------------
 
 
 def test_mutex_on_php_set_leaves_same_key_segment_alone(
@@ -444,10 +548,10 @@ def test_mutex_on_php_set_leaves_same_key_segment_alone(
     such a PHP set must not touch that data segment: acquire/release leave the data as it
     was, report no dead owner, and ``unlink()`` removes the semaphore set only.
 
-    FAILS with ipcfork as of this writing: ``Mutex._open_state`` opens whatever segment has
-    the semaphore's key as its owner word, so it reads PHP's data as a dead holder's token,
-    overwrites it with its own token on acquire, zeroes it on release, and removes PHP's
-    segment on unlink."""
+    Regression test: ipcfork at commit 8e246a4 failed it (``Mutex._open_state`` opened
+    whatever segment had the semaphore's key as its owner word, so it read PHP's data as a
+    dead holder's token, overwrote it with its own token on acquire, zeroed it on release,
+    and removed PHP's segment on unlink)."""
     assert sys.byteorder == "little", "PHP's pack('P') is little-endian; cast('Q') is native"
     run_php(
         r"""
@@ -486,3 +590,46 @@ def test_mutex_on_php_set_leaves_same_key_segment_alone(
             data.unlink()
         data.close()
     assert not problems, "Mutex clobbers a same-key PHP segment: " + "; ".join(problems)
+
+
+def test_php_sem_get_keeps_a_lock_python_holds(
+    keyfile: str, run_php: RunPhp, sweep: None
+) -> None:
+    """PHP's ``sem_get`` resets member 0 to ``max_acquire`` whenever it finds itself the set's
+    only user (member 1, the usage count PHP keeps with SEM_UNDO, is 0 before its own +1).
+    A Mutex holding a PHP-made lock must count as a user, so a PHP request that starts while
+    only Python holds the lock waits for it instead of resetting it: PHP's non-blocking
+    ``sem_acquire`` must fail while Python holds the lock, and after Python's release the
+    lock must be a lock again (value 1, not 2).
+
+    FAILS with ipcfork as of this writing: the Mutex does not take part in PHP's usage
+    count, so PHP's ``sem_get`` sets the value back to 1 while Python holds the lock, PHP
+    acquires too (two holders), and Python's release then leaves the value at 2 for good."""
+    run_php('sem_get(ftok($argv[1], "i"), 1, 0600);', keyfile)  # made; PHP has exited
+    problems: list[str] = []
+    mutex = Mutex(name=keyfile, backend="sysv", create=False)
+    try:
+        assert mutex.acquire(timeout=WAIT)
+        try:
+            out = run_php(
+                r"""
+                $sem = sem_get(ftok($argv[1], "i"), 1, 0600);
+                if (sem_acquire($sem, true)) {
+                    echo "acquired";
+                    sem_release($sem);
+                } else {
+                    echo "busy";
+                }
+                """,
+                keyfile)
+        finally:
+            mutex.release()
+        if out != "busy":
+            problems.append(f"PHP took the lock while Python held it (PHP said {out!r})")
+        value = sysv_ipc.Semaphore(_raw_key(keyfile, "i")).value
+        if value != 1:
+            problems.append(f"after Python's release the lock's value is {value}, not 1")
+    finally:
+        mutex.unlink()
+        mutex.close()
+    assert not problems, "a PHP sem_get broke a lock Python held: " + "; ".join(problems)

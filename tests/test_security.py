@@ -14,6 +14,7 @@ from conftest import fork, reap
 
 import ipcfork
 from ipcfork import MessageQueue, Mutex, Semaphore, SharedMemory
+from ipcfork.mutex import OWNER_KEY_FLIP, OWNER_SUFFIX
 
 NOBODY = 65534
 
@@ -38,7 +39,8 @@ def _plant(kind: str, name: str, backend: str, uid: int | None) -> None:
                 posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o666, initial_value=1)
             elif kind == "mutex":
                 posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o666, initial_value=1)
-                posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o666, size=4096)
+                posix_ipc.SharedMemory(name + OWNER_SUFFIX, posix_ipc.O_CREX, mode=0o666,
+                                       size=4096)
             elif kind == "shm":
                 posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o666, size=64)
             else:
@@ -48,7 +50,8 @@ def _plant(kind: str, name: str, backend: str, uid: int | None) -> None:
         if kind in ("semaphore", "mutex"):
             sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode=0o666, initial_value=1)
         if kind in ("shm", "mutex"):
-            sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, mode=0o666, size=4096)
+            shm_key = key ^ OWNER_KEY_FLIP if kind == "mutex" else key
+            sysv_ipc.SharedMemory(shm_key, sysv_ipc.IPC_CREX, mode=0o666, size=4096)
         if kind == "queue":
             sysv_ipc.MessageQueue(key, sysv_ipc.IPC_CREX, mode=0o666)
 
@@ -57,18 +60,21 @@ def _plant(kind: str, name: str, backend: str, uid: int | None) -> None:
 
 def _remove_planted(kind: str, name: str, backend: str) -> None:
     if backend == "posix":
-        removers = {"semaphore": [posix_ipc.unlink_semaphore],
-                    "mutex": [posix_ipc.unlink_semaphore, posix_ipc.unlink_shared_memory],
-                    "shm": [posix_ipc.unlink_shared_memory],
-                    "queue": [posix_ipc.unlink_message_queue]}[kind]
-        for remove in removers:
-            remove(name)
+        if kind == "mutex":
+            posix_ipc.unlink_semaphore(name)
+            posix_ipc.unlink_shared_memory(name + OWNER_SUFFIX)
+            return
+        remove = {"semaphore": posix_ipc.unlink_semaphore,
+                  "shm": posix_ipc.unlink_shared_memory,
+                  "queue": posix_ipc.unlink_message_queue}[kind]
+        remove(name)
         return
     key = sysv_ipc.ftok(name, ord("i"), silence_warning=True)
     if kind in ("semaphore", "mutex"):
         sysv_ipc.Semaphore(key).remove()
     if kind in ("shm", "mutex"):
-        segment = sysv_ipc.SharedMemory(key)  # opening attaches: detach after removing
+        # Opening attaches: detach after removing.
+        segment = sysv_ipc.SharedMemory(key ^ OWNER_KEY_FLIP if kind == "mutex" else key)
         segment.remove()
         segment.detach()
     if kind == "queue":
@@ -105,7 +111,7 @@ def test_created_objects_are_0600_whatever_the_umask(umask: int, backend: str,
             body = name.lstrip("/")
             modes = [os.stat(f"/dev/shm/sem.{body}").st_mode, os.stat(f"/dev/shm/{body}").st_mode]
         else:
-            modes = [sem._impl.raw.mode, shm._raw.mode, queue._queue.mode]  # noqa: SLF001
+            modes = [sem._impl.raw.mode, shm._raw.mode, queue._queue.mode]
         assert [stat.S_IMODE(m) for m in modes] == [0o600] * len(modes)
     finally:
         for obj in (sem, shm, queue):

@@ -112,7 +112,7 @@ def test_sysv_value_limit_is_named() -> None:
     with pytest.raises(ipcfork.LimitExceededError, match="32767"):
         sem.release()
     sem.close()
-    with pytest.raises(ipcfork.InvalidArgumentError, match="0..32767"):
+    with pytest.raises(ipcfork.InvalidArgumentError, match=r"0\.\.32767"):
         Semaphore(40000, backend="sysv")
 
 
@@ -133,7 +133,7 @@ def test_bad_arguments(backend: str) -> None:
 
 def test_anonymous_sysv_semaphore_removed_by_creator_close() -> None:
     sem = Semaphore(1, backend="sysv")
-    semid = sem._impl.semid  # noqa: SLF001
+    semid = sem._impl.semid
     with open("/proc/sysvipc/sem") as table:
         assert any(line.split()[1] == str(semid) for line in table)
     sem.close()

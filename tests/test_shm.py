@@ -63,7 +63,7 @@ def test_numpy_view_is_zero_copy_and_blocks_close(backend: str) -> None:
     array = np.frombuffer(shm.buf, dtype=np.int64)
 
     def child() -> None:
-        array[:] = np.arange(100)
+        np.frombuffer(shm.buf, dtype=np.int64)[:] = np.arange(100)
 
     assert reap(fork(child)) == 0
     assert int(array.sum()) == sum(range(100))
