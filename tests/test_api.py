@@ -30,3 +30,21 @@ def test_package_is_typed() -> None:
     import importlib.resources
 
     assert importlib.resources.files("ipcfork").joinpath("py.typed").is_file()
+
+
+def test_imports_without_optional_extras() -> None:
+    """numpy, tqdm and matplotlib are extras: ipcfork must import and work without them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for blocked in ('numpy', 'tqdm', 'matplotlib'):\n"
+        "    sys.modules[blocked] = None\n"
+        "import ipcfork\n"
+        "shm = ipcfork.SharedMemory(8)\n"
+        "shm.close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
