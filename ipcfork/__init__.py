@@ -10,6 +10,8 @@ from .errors import (
     AccessDeniedError,
     BrokenBarrierError,
     BufferInUseError,
+    ChildCrashedError,
+    ForkSafetyWarning,
     InvalidArgumentError,
     IpcforkError,
     LimitExceededError,
@@ -20,11 +22,14 @@ from .errors import (
     ObjectNotFoundError,
     QueueEmptyError,
     QueueFullError,
+    RemoteTraceback,
+    TaskTimeoutError,
     UnsafeObjectError,
     WaitTimeoutError,
 )
 from .mqueue import MessageQueue
 from .mutex import Mutex
+from .pool import ForkPool, TaskFuture, TaskRecord
 from .semaphore import Semaphore
 from .shm import SharedMemory
 
@@ -35,6 +40,9 @@ __all__ = [
     "Barrier",
     "BrokenBarrierError",
     "BufferInUseError",
+    "ChildCrashedError",
+    "ForkPool",
+    "ForkSafetyWarning",
     "InvalidArgumentError",
     "IpcforkError",
     "LimitExceededError",
@@ -47,8 +55,12 @@ __all__ = [
     "ObjectNotFoundError",
     "QueueEmptyError",
     "QueueFullError",
+    "RemoteTraceback",
     "Semaphore",
     "SharedMemory",
+    "TaskFuture",
+    "TaskRecord",
+    "TaskTimeoutError",
     "UnsafeObjectError",
     "WaitTimeoutError",
 ]

@@ -23,6 +23,8 @@ __all__ = [
     "AccessDeniedError",
     "BrokenBarrierError",
     "BufferInUseError",
+    "ChildCrashedError",
+    "ForkSafetyWarning",
     "IpcforkError",
     "InvalidArgumentError",
     "LimitExceededError",
@@ -33,6 +35,8 @@ __all__ = [
     "ObjectNotFoundError",
     "QueueEmptyError",
     "QueueFullError",
+    "RemoteTraceback",
+    "TaskTimeoutError",
     "UnsafeObjectError",
     "WaitTimeoutError",
 ]
@@ -130,3 +134,44 @@ class QueueFullError(IpcforkError, queue.Full, TimeoutError):
 
 class BrokenBarrierError(IpcforkError, threading.BrokenBarrierError):
     """A party timed out or aborted, so the barrier cannot complete this round."""
+
+
+class ChildCrashedError(IpcforkError, ChildProcessError):
+    """A task's child process died without handing back an outcome.
+
+    ``pid``, ``exitcode`` (None if a signal ended it) and ``signal`` (None if it exited)
+    say how; the message says whether it died mid-transfer.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        signal: int | None = None,
+        **facts: Any,
+    ) -> None:
+        super().__init__(message, **facts)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+
+
+class TaskTimeoutError(IpcforkError, TimeoutError):
+    """A task ran past the pool's ``timeout`` and its child was terminated."""
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a child, as text; set as ``__cause__``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class ForkSafetyWarning(RuntimeWarning):
+    """Forking now may deadlock a child: other threads run in this process."""

@@ -1,0 +1,89 @@
+"""The child's side of a fork-per-task run: set up, run the task, write one outcome, _exit.
+
+The child never returns into the parent's code: whatever happens it ends in ``os._exit``,
+so no ``finally`` block, atexit handler or buffered output of the parent runs twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ._transfer import EXCEPTION, RESULT
+
+__all__ = ["EXIT_NO_OUTCOME", "EXIT_OK", "run_task_in_child"]
+
+EXIT_OK = 0
+EXIT_NO_OUTCOME = 70  # the outcome could not be written (no room, unpicklable and worse)
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the forking thread of our parent ends; exit now if
+    the parent already went (the request only covers deaths after it is made)."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_NO_OUTCOME)
+
+
+def reset_signals() -> None:
+    """The pool's handlers belong to the parent.  A child ignores SIGINT (a terminal's Ctrl-C
+    reaches the whole process group; the parent decides what to stop) and dies on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def exception_payload(exc: BaseException) -> tuple[BaseException | None, str, str]:
+    """``(exception or None if it cannot be pickled, its repr, traceback text)``."""
+    import pickle
+
+    text = "".join(traceback.format_exception(exc))
+    try:
+        pickle.loads(pickle.dumps(exc, protocol=5))
+        return exc, repr(exc), text
+    except Exception:
+        return None, repr(exc), text
+
+
+def run_task_in_child(
+    parent_pid: int,
+    write_outcome: Callable[[int, Any], None],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+) -> None:
+    """Run one task and ``_exit``; never returns."""
+    code = EXIT_NO_OUTCOME
+    try:
+        die_with_parent(parent_pid)
+        reset_signals()
+        try:
+            if initializer is not None:
+                initializer(*initargs)
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            write_outcome(EXCEPTION, exception_payload(exc))
+        else:
+            try:
+                write_outcome(RESULT, result)
+            except Exception as exc:  # unpicklable result: report it as the task's error
+                write_outcome(EXCEPTION, exception_payload(exc))
+        code = EXIT_OK
+    except SystemExit as exc:  # sys.exit() in the task: the exit status is the outcome
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)

@@ -1,0 +1,211 @@
+"""Handing a task's outcome from a child to its parent through shared memory.
+
+The child pickles the outcome with protocol 5, keeping large buffers (numpy arrays,
+bytearrays, ``PickleBuffer``) out of band, and writes everything into a fresh POSIX shared
+memory object whose name the parent chose before forking.  The parent maps it, unlinks it at
+once and unpickles straight from the mapping: out-of-band buffers become views of the mapping
+(a numpy result is not copied at all), in-band data is copied once.
+
+Layout (little-endian, offsets in bytes)::
+
+    0   magic  b"IPCFOUT1"
+    8   done   u64: the total size, written last; 0 while the child is still writing
+    16  kind   u64: 0 result, 1 exception
+    24  plen   u64: length of the pickle
+    32  nbuf   u64: number of out-of-band buffers
+    40  nbuf x (offset u64, length u64)
+    ... the pickle, then each buffer, every piece 64-byte aligned
+
+Completeness: the parent reads an outcome only after the child has exited (its pidfd polled
+readable and ``wait4`` returned); process exit orders every store the child made before it,
+and ``done`` equal to the size proves the child got to the end rather than dying midway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import pickle
+import struct
+from typing import Any
+
+import posix_ipc
+
+from ._names import POSIX_PREFIX
+from ._security import CREATE_MODE
+
+__all__ = ["EXCEPTION", "RESULT", "OutcomeArena", "discard_outcome", "outcome_name",
+           "read_outcome", "write_outcome"]
+
+RESULT, EXCEPTION = 0, 1
+_MAGIC = b"IPCFOUT1"
+_HEAD = struct.Struct("<8sQQQQ")
+_SPAN = struct.Struct("<QQ")
+_ALIGN = 64
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+
+
+def outcome_name(parent_pid: int, task_id: int) -> str:
+    """The shm name a task's child writes its outcome to (tagged with the parent's pid, so
+    ``ipcfork clean`` can find the outcomes of a parent that was SIGKILLed)."""
+    return f"/{POSIX_PREFIX}{parent_pid}.out.{task_id}.{os.urandom(4).hex()}"
+
+
+class _Raw:
+    """Stands for a bytes or bytearray result carried as one out-of-band buffer, so it is
+    copied once into shared memory and once out, never through a pickle."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+
+def pickled(payload: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``payload`` keeping large buffers out of band: ``(pickle, buffers)``."""
+    if type(payload) in (bytes, bytearray) and len(payload) > OutcomeArena.SLOT:
+        return pickle.dumps(_Raw(type(payload)), protocol=5), [memoryview(payload)]
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+    try:
+        return data, [buffer.raw() for buffer in buffers]
+    except BufferError:  # a non-contiguous buffer: let pickle copy everything in band
+        return pickle.dumps(payload, protocol=5), []
+
+
+def write_outcome(name: str, kind: int, payload: Any) -> None:
+    """In the child: write ``payload`` as outcome ``kind`` to a new shm object ``name``.
+
+    Raises pickle errors (the caller then writes an exception outcome instead) and OSError
+    (no room in /dev/shm).
+    """
+    write_pickled(name, kind, *pickled(payload))
+
+
+def write_pickled(name: str, kind: int, data: bytes, raws: list[memoryview]) -> None:
+    """Write an already pickled outcome (see :func:`write_outcome`)."""
+    offset = _align(_HEAD.size + _SPAN.size * len(raws))
+    pickle_at = offset
+    offset = _align(offset + len(data))
+    spans = []
+    for raw in raws:
+        spans.append((offset, raw.nbytes))
+        offset = _align(offset + raw.nbytes)
+    size = offset
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=CREATE_MODE)
+    try:
+        fd = shm.fd
+        os.posix_fallocate(fd, 0, size)  # no room must be an error here, not SIGBUS later
+        with mmap.mmap(fd, size) as area:
+            _HEAD.pack_into(area, 0, _MAGIC, 0, kind, len(data), len(raws))
+            for i, span in enumerate(spans):
+                _SPAN.pack_into(area, _HEAD.size + i * _SPAN.size, *span)
+            area[pickle_at:pickle_at + len(data)] = data
+            for (at, length), raw in zip(spans, raws, strict=True):
+                area[at:at + length] = raw.cast("B")
+            struct.pack_into("<Q", area, 8, size)  # last: the outcome is complete
+    finally:
+        shm.close_fd()
+
+
+def read_outcome(name: str) -> tuple[int, Any] | None:
+    """In the parent, after the child exited: ``(kind, payload)``, or None when the child
+    left no complete outcome.  The shm name is unlinked whatever happens.
+
+    Raises what unpickling raises (the caller reports it as the task's failure).
+    """
+    try:
+        shm = posix_ipc.SharedMemory(name, 0)
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        shm.unlink()
+        size = os.fstat(shm.fd).st_size
+        if size < _HEAD.size:
+            return None
+        area = mmap.mmap(shm.fd, size)
+    finally:
+        shm.close_fd()
+    magic, done, kind, plen, nbuf = _HEAD.unpack_from(area, 0)
+    if magic != _MAGIC or done != size:
+        area.close()
+        return None
+    view = memoryview(area)
+    pickle_at = _align(_HEAD.size + _SPAN.size * nbuf)
+    buffers = []
+    for i in range(nbuf):
+        at, length = _SPAN.unpack_from(area, _HEAD.size + i * _SPAN.size)
+        buffers.append(pickle.PickleBuffer(view[at:at + length]))
+    payload = pickle.loads(view[pickle_at:pickle_at + plen], buffers=buffers)
+    if isinstance(payload, _Raw):
+        payload = payload.kind(buffers[0].raw())  # the one copy out of shared memory
+    # Views of the mapping inside the payload (numpy arrays) keep it mapped; once they go,
+    # the mapping is unmapped with the last reference.
+    return kind, payload
+
+
+def discard_outcome(name: str) -> None:
+    """Remove an outcome nobody will read (the task was abandoned)."""
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_shared_memory(name)
+
+
+class OutcomeArena:
+    """One slot of shared memory per running child, for outcomes small enough to fit.
+
+    Creating, mapping and unlinking a shm object per task costs more than a small task's
+    whole run, so each running child gets a slot in one anonymous segment made with the
+    pool.  A pickle that fits is written into the slot; a larger one goes to its own shm
+    object (:func:`write_outcome`) and the slot holds its name.  Slot header: ``done`` u64
+    (written last, as above), ``kind`` u64, ``spilled`` u64, ``length`` u64.
+    """
+
+    SLOT = 64 * 1024
+    _SLOT_HEAD = struct.Struct("<QQQQ")
+
+    def __init__(self, slots: int) -> None:
+        from .shm import SharedMemory
+
+        self.slots = slots
+        self._shm = SharedMemory(slots * self.SLOT)
+        self._buf = self._shm.buf
+
+    def prepare(self, slot: int) -> None:
+        """Before the fork: mark the slot empty."""
+        struct.pack_into("<Q", self._buf, slot * self.SLOT, 0)
+
+    def write(self, slot: int, kind: int, payload: Any, spill_name: str) -> None:
+        """In the child.  Raises as :func:`write_outcome` does."""
+        data, raws = pickled(payload)
+        base = slot * self.SLOT
+        head = self._SLOT_HEAD.size
+        if not raws and head + len(data) <= self.SLOT:
+            self._buf[base + head:base + head + len(data)] = data
+            spilled = 0
+        else:
+            write_pickled(spill_name, kind, data, raws)
+            data = spill_name.encode()
+            self._buf[base + head:base + head + len(data)] = data
+            spilled = 1
+        self._SLOT_HEAD.pack_into(self._buf, base, 0, kind, spilled, len(data))
+        struct.pack_into("<Q", self._buf, base, head + len(data))  # last: complete
+
+    def read(self, slot: int) -> tuple[int, Any] | None:
+        """In the parent, after the child exited: the outcome, or None if incomplete."""
+        base = slot * self.SLOT
+        done, kind, spilled, length = self._SLOT_HEAD.unpack_from(self._buf, base)
+        head = self._SLOT_HEAD.size
+        if done != head + length or length > self.SLOT - head:
+            return None
+        # A copy (at most 64 KiB): no view of the arena may outlive this call, not even in
+        # the traceback of a result that fails to load.
+        data = bytes(self._buf[base + head:base + head + length])
+        if spilled:
+            return read_outcome(data.decode())
+        return kind, pickle.loads(data)
+
+    def close(self) -> None:
+        self._buf = memoryview(b"")
+        self._shm.close()

@@ -1,0 +1,127 @@
+"""Signals to a parent running a ForkPool (run as a subprocess): SIGINT, SIGTERM, a second
+Ctrl-C, and SIGKILL of the parent.  Afterwards no child, no zombie, no IPC object."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ipcfork import testing
+
+SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys, time
+    import ipcfork
+    from ipcfork import testing
+
+    stubborn = sys.argv[1] == "stubborn"
+
+    def task(i):
+        if stubborn:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(120)
+
+    pool = ipcfork.ForkPool(3, grace=30 if stubborn else 1)
+    futures = [pool.submit(task, i) for i in range(6)]
+    while len(testing.children()) < 3:
+        time.sleep(0.01)
+    print(json.dumps(testing.children()), flush=True)
+    try:
+        for f in futures:
+            f.exception()
+    except KeyboardInterrupt:
+        left = testing.children()
+        handler_back = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        cancelled = sum(f.cancelled() for f in futures)
+        print(json.dumps({"left": left, "handler_back": handler_back,
+                          "cancelled": cancelled}), flush=True)
+        sys.exit(0)
+""")
+
+
+def _start(mode: str = "polite") -> tuple[subprocess.Popen[str], list[int]]:
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, mode], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready, "the script did not start its children"
+    children = json.loads(proc.stdout.readline())
+    assert len(children) == 3
+    return proc, children
+
+
+def _gone(pids: list[int], timeout: float = 30) -> bool:
+    """Wait (without sleeping blindly) until every pid has exited."""
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            ready, _, _ = select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+        if not ready:
+            return False
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans_left() -> object:
+    before = testing.snapshot()
+    yield
+    assert not (testing.snapshot() - before)
+
+
+def test_sigint_stops_kills_reaps_and_reraises() -> None:
+    proc, children = _start()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report == {"left": [], "handler_back": True, "cancelled": 3}
+    assert _gone(children)
+
+
+def test_sigterm_kills_children_and_dies_by_sigterm() -> None:
+    proc, children = _start()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert _gone(children)
+
+
+def test_second_ctrl_c_kills_at_once() -> None:
+    proc, children = _start("stubborn")  # children ignore SIGTERM; the grace is 30 s
+    assert proc.stdout is not None
+    try:
+        # Signals of one kind do not queue: press Ctrl-C again until the parent reports,
+        # waiting on its output between presses.  Well before the 30 s grace would end.
+        for _ in range(40):
+            proc.send_signal(signal.SIGINT)
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                break
+        out, _ = proc.communicate(timeout=30)
+        assert json.loads(out.strip().splitlines()[-1])["left"] == []
+        assert _gone(children)
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_parent_sigkilled_children_die_too() -> None:
+    proc, children = _start()
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert _gone(children)
