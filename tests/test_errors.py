@@ -11,7 +11,8 @@ import pytest
 import ipcfork
 from ipcfork import errors
 
-ALL_ERRORS = [getattr(errors, name) for name in errors.__all__]
+ALL_ERRORS = [getattr(errors, name) for name in errors.__all__
+              if issubclass(getattr(errors, name), errors.IpcforkError)]
 
 BUILTIN_BASES = {
     errors.WaitTimeoutError: TimeoutError,
@@ -26,6 +27,9 @@ BUILTIN_BASES = {
     errors.QueueEmptyError: queue.Empty,
     errors.QueueFullError: queue.Full,
     errors.BrokenBarrierError: threading.BrokenBarrierError,
+    errors.ChildCrashedError: ChildProcessError,
+    errors.TaskTimeoutError: TimeoutError,
+    errors.ForkSafetyWarning: RuntimeWarning,
 }
 
 
@@ -53,3 +57,11 @@ def test_raised_errors_name_object_and_backend() -> None:
     assert info.value.obj == "Semaphore '/ipcfork-test-never-made' (posix)"
     assert info.value.backend == "posix"
     assert "Semaphore '/ipcfork-test-never-made' (posix)" in str(info.value)
+
+
+def test_remote_traceback_and_crash_facts_pickle() -> None:
+    remote = pickle.loads(pickle.dumps(ipcfork.RemoteTraceback("Traceback: ...")))
+    assert str(remote) == "Traceback: ..."
+    crash = errors.ChildCrashedError("gone", pid=12, exitcode=None, signal=9)
+    clone = pickle.loads(pickle.dumps(crash))
+    assert (clone.pid, clone.exitcode, clone.signal) == (12, None, 9)

@@ -131,7 +131,7 @@ def test_timeout_terminates_then_kills() -> None:
 
     with ForkPool(1, timeout=0.2, grace=0.2) as pool:
         future = pool.submit(stubborn)
-        with pytest.raises(TaskTimeoutError, match="timeout=0.2"):
+        with pytest.raises(TaskTimeoutError, match=r"timeout=0\.2"):
             future.result(timeout=30)
         assert future.record.signal == signal.SIGKILL and future.record.outcome == "timeout"
         polite = pool.submit(time.sleep, 60)
@@ -178,7 +178,7 @@ def test_exactly_once_accounting_with_random_crashes() -> None:
 
     with ForkPool(4) as pool:
         futures = [pool.submit(task, i, how) for i, how in enumerate(plan)]
-        done, not_done = cf.wait(futures, timeout=300)
+        _, not_done = cf.wait(futures, timeout=300)
     assert not not_done
     for i, (future, how) in enumerate(zip(futures, plan, strict=True)):
         if how == "ok":
