@@ -36,6 +36,8 @@ class ChildWatch:
     def __init__(self) -> None:
         self._poll = select.poll()
         self._by_fd: dict[int, int] = {}
+        self._readers: set[int] = set()
+        self.ready: list[int] = []  # reader descriptors found readable by the last wait
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll.register(self._wake_r, select.POLLIN)
 
@@ -48,6 +50,15 @@ class ChildWatch:
         os.set_inheritable(fd, False)
         self._by_fd[fd] = pid
         self._poll.register(fd, select.POLLIN)
+
+    def add_reader(self, fd: int) -> None:
+        """Also wake :meth:`wait` when ``fd`` has data (or its writer closed it)."""
+        self._readers.add(fd)
+        self._poll.register(fd, select.POLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        self._readers.discard(fd)
+        self._poll.unregister(fd)
 
     def wake(self) -> None:
         """Make a pending or the next :meth:`wait` return (callable from any thread)."""
@@ -62,7 +73,11 @@ class ChildWatch:
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
             events = []
         exits = []
+        self.ready = []
         for fd, _ in events:
+            if fd in self._readers:
+                self.ready.append(fd)
+                continue
             if fd == self._wake_r:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self._wake_r, 4096):

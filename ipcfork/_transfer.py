@@ -49,10 +49,11 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)
 
 
-def outcome_name(parent_pid: int, task_id: int) -> str:
-    """The shm name a task's child writes its outcome to (tagged with the parent's pid, so
-    ``ipcfork clean`` can find the outcomes of a parent that was SIGKILLed)."""
-    return f"/{POSIX_PREFIX}{parent_pid}.out.{task_id}.{os.urandom(4).hex()}"
+def outcome_name(parent_pid: int, pool_tag: str, task_id: int, attempt: int) -> str:
+    """The shm name a task's child spills a large outcome to: tagged with the parent's pid
+    (``ipcfork clean`` finds the spills of a parent that was SIGKILLed), a random tag per
+    pool (a recycled pid never meets an old name) and the task's id and attempt."""
+    return f"/{POSIX_PREFIX}{parent_pid}.out.{pool_tag}.{task_id}.{attempt}"
 
 
 class _Raw:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -41,7 +42,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ from ._reaper import ChildWatch, Exit
 from ._signals import PoolSignals
 from ._timeouts import check_timeout
 from ._transfer import EXCEPTION, OutcomeArena, discard_outcome, outcome_name
+from ._workers import DEPTH, InFlight, Worker, encode_task, run_worker
 from .errors import (
     ChildCrashedError,
     ForkSafetyWarning,
@@ -160,15 +162,19 @@ class ForkPool(Executor):
             raise InvalidArgumentError(
                 f"max_workers must be an int in 1..{fd_cap}, not {max_workers!r}",
                 limit=f"1..{fd_cap} (half of RLIMIT_NOFILE less {_FD_RESERVE})")
-        if tasks_per_child != 1:
+        if tasks_per_child is not None and (
+                isinstance(tasks_per_child, bool) or not isinstance(tasks_per_child, int)
+                or tasks_per_child < 1):
             raise InvalidArgumentError(
-                "only tasks_per_child=1 (a fresh child per task) is available so far",
-                limit="tasks_per_child == 1")
+                f"tasks_per_child must be None or an int >= 1, not {tasks_per_child!r}",
+                limit="None or >= 1")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise InvalidArgumentError(f"retries must be an int >= 0, not {retries!r}")
         if initializer is not None and not callable(initializer):
             raise InvalidArgumentError("initializer must be callable")
         self.max_workers = max_workers
+        self.tasks_per_child = tasks_per_child
+        self._persistent = tasks_per_child != 1
         self.timeout = check_timeout(timeout, "timeout")
         self.grace = check_timeout(grace, "grace") or 0.0
         self.retries = retries
@@ -180,14 +186,20 @@ class ForkPool(Executor):
         self._running: dict[int, _Running] = {}
         self._lock = threading.Lock()
         self._watch = ChildWatch()
-        self._arena = OutcomeArena(max_workers)
-        self._free_slots = list(range(max_workers))
+        slots = max_workers * (DEPTH if self._persistent else 1)
+        self._arena = OutcomeArena(slots)
+        self._free_slots = list(range(slots))
+        self._workers: dict[int, Worker] = {}
+        self._worker_by_fd: dict[int, Worker] = {}
         self._thread: threading.Thread | None = None
         self._shutdown = False
         self._abort_signal: int | None = None
         self._kill_now = False
         self._warned_threads = False
+        self._manager_asleep = True  # a submit wakes the manager only when it sleeps
+        self._new_work = False
         self._parent = IDENTITY.pid
+        self._tag = os.urandom(4).hex()
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
         self._signals = PoolSignals(self) if handle_signals else None
@@ -212,19 +224,23 @@ class ForkPool(Executor):
                 self._thread = threading.Thread(target=self._manage, name="ipcfork-pool",
                                                 daemon=True)
                 self._thread.start()
-        self._watch.wake()
+            wake, self._manager_asleep = self._manager_asleep, False
+            self._new_work = True
+        if wake:  # a busy manager sees the new task on its next round anyway
+            self._watch.wake()
         return future
 
     def imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
                        in_flight: int | None = None) -> Iterator[Any]:
         """Yield ``fn(item)`` for each item as results arrive, in completion order.
 
-        The input is consumed lazily: at most ``in_flight`` (default ``max_workers``) tasks
-        exist at a time, so a generator of a million items keeps memory bounded.  The first
-        failed task's exception is raised from the iterator; the tasks still running are
-        cancelled or abandoned when the iterator is closed.
+        The input is consumed lazily: at most ``in_flight`` tasks exist at a time (default:
+        ``max_workers``, times the per-worker queue depth with persistent workers), so a
+        generator of a million items keeps memory bounded.  The first failed task's
+        exception is raised from the iterator; tasks not yet started are cancelled when the
+        iterator is closed.
         """
-        limit = in_flight or self.max_workers
+        limit = in_flight or self.max_workers * (DEPTH if self._persistent else 1)
         done: queue.SimpleQueue[TaskFuture] = queue.SimpleQueue()
         items = iter(iterable)
         active: set[TaskFuture] = set()
@@ -245,14 +261,38 @@ class ForkPool(Executor):
             for future in active:
                 future.cancel()
 
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int | None = None) -> Iterator[Any]:
+        """Like :func:`map`, computed in children; results in input order.
+
+        ``chunksize`` items go to a child at a time.  The default is 1 with fork-per-task
+        (every item gets its own fresh child) and, with persistent workers, a quarter of an
+        even share per worker when the inputs have a length (as ``multiprocessing.Pool.map``
+        does).  Raises the first failed item's exception when the iterator reaches it.
+        """
+        if chunksize is None:
+            chunksize = 1
+            if self._persistent and all(hasattr(it, "__len__") for it in iterables):
+                total = min(len(it) for it in iterables)  # type: ignore[arg-type]
+                chunksize = max(1, -(-total // (self.max_workers * 4)))
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise InvalidArgumentError(f"chunksize must be an int >= 1, not {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = _chunks(zip(*iterables, strict=False), chunksize)
+        results = super().map(functools.partial(_apply_chunk, fn), chunks, timeout=timeout)
+        return itertools.chain.from_iterable(results)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with ``cancel_futures`` drop those not started; with
         ``wait`` block until every child has been reaped and handlers are restored."""
         with self._lock:
             self._shutdown = True
             if cancel_futures:
-                while self._pending:
-                    self._pending.popleft().future.cancel()
+                # A retried task's future is running already and cannot be cancelled: it
+                # stays queued and runs again, as it would have.
+                self._pending = collections.deque(
+                    w for w in self._pending if not w.future.cancel())
             thread = self._thread
         self._watch.wake()
         if self._signals is not None:
@@ -274,20 +314,49 @@ class ForkPool(Executor):
     def _manage(self) -> None:
         try:
             while True:
-                self._start_pending()
-                exits = self._watch.wait(self._next_wakeup())
-                for exited in exits:
-                    self._resolve(exited)
+                if self._persistent:
+                    self._dispatch_to_workers()
+                else:
+                    self._start_pending()
+                with self._lock:
+                    self._manager_asleep = True
+                    new_work, self._new_work = self._new_work, False
+                # Work submitted while we were busy did not wake us: look again at once.
+                exits = self._watch.wait(0.0 if new_work else self._next_wakeup())
+                with self._lock:
+                    self._manager_asleep = False
+                self._handle_events(exits)
                 self._enforce_timeouts()
                 if self._abort_signal is not None:
                     self._abort_children()
                     return
-                with self._lock:
-                    if self._shutdown and not self._pending and not self._running:
-                        return
+                if self._finished():
+                    return
         except BaseException as exc:  # pragma: no cover - a bug: fail every future loudly
             self._fail_everything(exc)
             raise
+
+    def _handle_events(self, exits: list[Exit]) -> None:
+        # Completion notices first: a worker that exited may have posted some just before.
+        for fd in self._watch.ready:
+            worker = self._worker_by_fd.get(fd)
+            if worker is not None:
+                self._on_notices(worker)
+        for exited in exits:
+            if exited.pid in self._workers:
+                self._on_worker_exit(exited)
+            else:
+                self._resolve(exited)
+
+    def _finished(self) -> bool:
+        """True once shut down with nothing left; stops idle workers on the way."""
+        with self._lock:
+            if not self._shutdown or self._pending or self._running:
+                return False
+        for worker in self._workers.values():
+            if not worker.inflight:
+                worker.stop()  # EOF on its task pipe: it exits
+        return not self._workers
 
     def _load_allows_fork(self) -> bool:
         return self.max_load is None or os.getloadavg()[0] <= self.max_load
@@ -311,7 +380,7 @@ class ForkPool(Executor):
         self._warn_about_threads()
         record = work.future.record
         record.attempts += 1
-        spill = outcome_name(self._parent, record.task_id)
+        spill = outcome_name(self._parent, self._tag, record.task_id, record.attempts)
         arena = self._arena
         slot = self._free_slots.pop()
         arena.prepare(slot)
@@ -345,6 +414,11 @@ class ForkPool(Executor):
     def _next_wakeup(self) -> float | None:
         now = time.monotonic()
         waits = []
+        for worker in self._workers.values():
+            if worker.terminated_at is not None:
+                waits.append(worker.terminated_at + self.grace - now)
+            elif worker.inflight and worker.inflight[0].deadline is not None:
+                waits.append(worker.inflight[0].deadline - now)
         with self._lock:
             for run in self._running.values():
                 if run.terminated_at is not None:
@@ -367,60 +441,213 @@ class ForkPool(Executor):
                 _kill(run.pid, signal.SIGTERM)
             elif now >= run.terminated_at + self.grace:
                 _kill(run.pid, signal.SIGKILL)
+        for worker in self._workers.values():
+            head = worker.inflight[0] if worker.inflight else None
+            if worker.terminated_at is not None:
+                if now >= worker.terminated_at + self.grace:
+                    _kill(worker.pid, signal.SIGKILL)
+            elif head is not None and head.deadline is not None and now >= head.deadline:
+                worker.terminated_at = now  # its running task is the one that timed out
+                _kill(worker.pid, signal.SIGTERM)
 
     def _resolve(self, exited: Exit) -> None:
+        """A fork-per-task child exited: settle its task."""
         with self._lock:
             run = self._running.pop(exited.pid)
-        future = run.work.future
-        record = future.record
+        record = run.work.future.record
         record.exitcode, record.signal = exited.exitcode, exited.signal
         record.wall_time = time.monotonic() - run.started
         record.maxrss_kib, record.utime, record.stime = (exited.maxrss_kib, exited.utime,
                                                          exited.stime)
-        load_error: BaseException | None = None
+        outcome, load_error = self._read_slot(run.slot, run.spill)
+        self._free_slots.append(run.slot)
+        self._settle(run.work, outcome, load_error, exited=exited,
+                     timed_out=bool(run.extra.get("timed_out")))
+
+    def _read_slot(self, slot: int, spill: str) -> tuple[tuple[int, Any] | None,
+                                                         BaseException | None]:
+        """The outcome in ``slot`` (None if incomplete) or the error loading it raised."""
         try:
-            outcome = self._arena.read(run.slot)
+            outcome = self._arena.read(slot)
         except Exception as exc:  # the result failed to load in the parent
-            outcome, load_error = None, exc
-            record.outcome = "exception"
-        finally:
-            discard_outcome(run.spill)  # a child that died mid-spill leaves it behind
-            self._free_slots.append(run.slot)
-        if outcome is not None and outcome[0] != EXCEPTION and not run.extra.get("timed_out"):
+            discard_outcome(spill)
+            return None, exc
+        if outcome is None:
+            discard_outcome(spill)  # a child that died mid-spill may have left it behind
+        return outcome, None
+
+    def _settle(self, work: _Work, outcome: tuple[int, Any] | None,
+                load_error: BaseException | None, *, exited: Exit | None,
+                timed_out: bool) -> None:
+        """Resolve a task's future from its outcome, or run it again if retries remain."""
+        future = work.future
+        record = future.record
+        if outcome is not None and outcome[0] != EXCEPTION and not timed_out:
             record.outcome = "result"
             future.set_result(outcome[1])
             return
-        error = load_error or self._failure(run, exited, outcome)
+        if load_error is not None:
+            record.outcome = "exception"
+            error = load_error
+        else:
+            error = self._failure(work, exited, outcome, timed_out)
         if record.attempts <= self.retries and self._abort_signal is None:
             with self._lock:
-                self._pending.appendleft(run.work)  # run it again, before newer tasks
+                self._pending.appendleft(work)  # run it again, before newer tasks
             return
         future.set_exception(error)
 
-    def _failure(self, run: _Running, exited: Exit,
-                 outcome: tuple[int, Any] | None) -> BaseException:
-        record = run.work.future.record
-        if run.extra.get("timed_out"):
+    def _failure(self, work: _Work, exited: Exit | None, outcome: tuple[int, Any] | None,
+                 timed_out: bool) -> BaseException:
+        record = work.future.record
+        pid = exited.pid if exited is not None else record.pid
+        if timed_out:
             record.outcome = "timeout"
             return TaskTimeoutError(
-                f"task {record.task_id} ran past {self.timeout} s; its child {exited.pid} "
+                f"task {record.task_id} ran past {self.timeout} s; its process {pid} "
                 f"was terminated", limit=f"timeout={self.timeout}")
         if outcome is not None:
             record.outcome = "exception"
             exc, text_repr, text = outcome[1]
             if exc is None:
                 exc = ChildCrashedError(f"task raised an unpicklable exception: {text_repr}",
-                                        pid=exited.pid, exitcode=exited.exitcode)
+                                        pid=pid)
             exc.__cause__ = RemoteTraceback(f'\n"""\n{text}"""')
             return exc  # type: ignore[no-any-return]
         record.outcome = "crash"
+        if exited is None:
+            return ChildCrashedError(f"task {record.task_id}: process {pid} handed back "
+                                     "no outcome", pid=pid)
         if exited.signal is not None:
             how = f"was killed by signal {exited.signal} ({signal.Signals(exited.signal).name})"
         else:
             how = f"exited with status {exited.exitcode} without handing back an outcome"
-        return ChildCrashedError(f"task {record.task_id}: child {exited.pid} {how}",
+        return ChildCrashedError(f"task {record.task_id}: process {exited.pid} {how}",
                                  pid=exited.pid, exitcode=exited.exitcode,
                                  signal=exited.signal)
+
+    # -- persistent workers (tasks_per_child=None or N) ----------------------------------
+
+    def _has_room(self, worker: Worker) -> bool:
+        return (not worker.closed and worker.terminated_at is None
+                and len(worker.inflight) < DEPTH
+                and (self.tasks_per_child is None or worker.sent < self.tasks_per_child))
+
+    def _dispatch_to_workers(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or self._abort_signal is not None:
+                    return
+            worker = self._pick_worker()
+            if worker is None:
+                return
+            with self._lock:
+                if not self._pending:
+                    return
+                work = self._pending.popleft()
+            if not (work.future.running() or work.future.set_running_or_notify_cancel()):
+                work.future.record.outcome = "cancelled"
+                continue
+            self._send(worker, work)
+
+    def _pick_worker(self) -> Worker | None:
+        """An idle worker, else a new one while below max_workers (and the load allows),
+        else the least busy worker with room; None when all are full."""
+        open_workers = [w for w in self._workers.values() if self._has_room(w)]
+        idle = [w for w in open_workers if not w.inflight]
+        if idle:
+            return idle[0]
+        if len(self._workers) < self.max_workers and (
+                not self._workers or self._load_allows_fork()):
+            return self._fork_worker()
+        return min(open_workers, key=lambda w: len(w.inflight), default=None)
+
+    def _fork_worker(self) -> Worker:
+        self._warn_about_threads()
+        task_r, task_w = os.pipe2(os.O_CLOEXEC)
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        slots = [self._free_slots.pop() for _ in range(DEPTH)]
+        others = [fd for w in self._workers.values() for fd in (w.task_w, w.done_r)
+                  if not w.closed]
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            os.close(task_w)
+            os.close(done_r)
+            run_worker(self._parent, task_r, done_w, self._arena, self.tasks_per_child,
+                       self._initializer, self._initargs, others)
+        os.close(task_r)
+        os.close(done_w)
+        os.set_blocking(done_r, False)
+        worker = Worker(pid, task_w, done_r, slots)
+        self._workers[pid] = worker
+        self._worker_by_fd[done_r] = worker
+        self._watch.add(pid)
+        self._watch.add_reader(done_r)
+        return worker
+
+    def _send(self, worker: Worker, work: _Work) -> None:
+        record = work.future.record
+        record.attempts += 1
+        record.pid = worker.pid
+        slot = worker.slots.pop()
+        spill = outcome_name(self._parent, self._tag, record.task_id, record.attempts)
+        try:
+            message = encode_task(slot, spill, work.fn, work.args, work.kwargs)
+        except Exception as exc:  # the call cannot be pickled: it fails here and now
+            worker.slots.append(slot)
+            record.outcome = "exception"
+            work.future.set_exception(exc)
+            return
+        self._arena.prepare(slot)
+        flight = InFlight(work, slot, spill)
+        if not worker.inflight:
+            self._start_clock(flight)
+        worker.inflight.append(flight)
+        worker.sent += 1
+        with contextlib.suppress(BrokenPipeError):  # a dead worker's exit settles it
+            worker.send(message)
+
+    def _start_clock(self, flight: InFlight) -> None:
+        flight.started = time.monotonic()
+        if self.timeout is not None:
+            flight.deadline = flight.started + self.timeout
+
+    def _on_notices(self, worker: Worker) -> None:
+        for slot in worker.read_notices():
+            flight = worker.inflight.popleft()
+            if flight.slot != slot:  # pragma: no cover - a protocol bug, never silent
+                raise RuntimeError(f"worker {worker.pid} completed slot {slot}, "
+                                   f"expected {flight.slot}")
+            outcome, load_error = self._read_slot(slot, flight.spill)
+            worker.slots.append(slot)
+            record = flight.work.future.record
+            record.wall_time = time.monotonic() - (flight.started or time.monotonic())
+            if worker.inflight:
+                self._start_clock(worker.inflight[0])
+            self._settle(flight.work, outcome, load_error, exited=None, timed_out=False)
+
+    def _on_worker_exit(self, exited: Exit) -> None:
+        worker = self._workers.pop(exited.pid)
+        self._on_notices(worker)  # what it finished before dying counts
+        self._watch.remove_reader(worker.done_r)
+        del self._worker_by_fd[worker.done_r]
+        flights = list(worker.inflight)
+        self._free_slots.extend(worker.slots + [f.slot for f in flights])
+        worker.close()
+        if not flights:
+            return
+        head, queued = flights[0], flights[1:]
+        with self._lock:
+            for flight in reversed(queued):  # never started: back to the front, in order
+                discard_outcome(flight.spill)
+                flight.work.future.record.attempts -= 1
+                self._pending.appendleft(flight.work)
+        record = head.work.future.record
+        record.exitcode, record.signal = exited.exitcode, exited.signal
+        record.wall_time = time.monotonic() - (head.started or time.monotonic())
+        discard_outcome(head.spill)
+        self._settle(head.work, None, None, exited=exited,
+                     timed_out=worker.terminated_at is not None)
 
     # -- stopping -----------------------------------------------------------------------
 
@@ -431,23 +658,27 @@ class ForkPool(Executor):
             pending, self._pending = list(self._pending), collections.deque()
             running = list(self._running.values())
         for work in pending:
-            work.future.cancel()
-        for run in running:
-            _kill(run.pid, signal.SIGKILL if self._kill_now else signal.SIGTERM)
+            _drop(work)
+        first = signal.SIGKILL if self._kill_now else signal.SIGTERM
+        for pid in [run.pid for run in running] + list(self._workers):
+            _kill(pid, first)
         deadline = time.monotonic() + self.grace
         while True:
             with self._lock:
-                if not self._running:
+                if not self._running and not self._workers:
                     return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._kill_now:
                 with self._lock:
-                    pids = list(self._running)
+                    pids = list(self._running) + list(self._workers)
                 for pid in pids:
                     _kill(pid, signal.SIGKILL)
                 remaining = 1.0
-            for exited in self._watch.wait(remaining):
-                self._resolve(exited)
+            self._handle_events(self._watch.wait(remaining))
+            with self._lock:
+                for work in self._pending:  # requeued by a dying worker: drop them too
+                    _drop(work)
+                self._pending.clear()
 
     def abort(self, signum: int, *, kill_now: bool = False) -> None:
         """Stop at once (called from the signal handler): no new forks, children terminated
@@ -480,6 +711,25 @@ def _shutdown_at_exit(ref: weakref.ref[ForkPool]) -> None:
     pool = ref()
     if pool is not None and IDENTITY.pid == pool._parent:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _apply_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``fn`` over a chunk of argument tuples (module level, so it pickles)."""
+    return [fn(*args) for args in chunk]
+
+
+def _drop(work: _Work) -> None:
+    """Cancel a task that will not run; one already running gets CancelledError."""
+    future = work.future
+    if not future.cancel() and not future.done():
+        work.future.record.outcome = "cancelled"
+        future.set_exception(CancelledError("the pool was stopped before this task ended"))
 
 
 def _kill(pid: int, signum: int) -> None:

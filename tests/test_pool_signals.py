@@ -22,24 +22,28 @@ SCRIPT = textwrap.dedent("""
     from ipcfork import testing
 
     stubborn = sys.argv[1] == "stubborn"
+    persistent = sys.argv[1] == "persistent"
 
     def task(i):
         if stubborn:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(120)
 
-    pool = ipcfork.ForkPool(3, grace=30 if stubborn else 1)
+    pool = ipcfork.ForkPool(3, grace=30 if stubborn else 1,
+                            tasks_per_child=None if persistent else 1)
     futures = [pool.submit(task, i) for i in range(6)]
     while len(testing.children()) < 3:
         time.sleep(0.01)
     print(json.dumps(testing.children()), flush=True)
     try:
         for f in futures:
-            f.exception()
+            if not f.cancelled():
+                f.exception()
     except KeyboardInterrupt:
         left = testing.children()
         handler_back = signal.getsignal(signal.SIGINT) is signal.default_int_handler
         cancelled = sum(f.cancelled() for f in futures)
+        assert all(f.done() for f in futures)
         print(json.dumps({"left": left, "handler_back": handler_back,
                           "cancelled": cancelled}), flush=True)
         sys.exit(0)
@@ -80,18 +84,22 @@ def _no_orphans_left() -> object:
     assert not (testing.snapshot() - before)
 
 
-def test_sigint_stops_kills_reaps_and_reraises() -> None:
-    proc, children = _start()
+@pytest.mark.parametrize("mode", ["polite", "persistent"])
+def test_sigint_stops_kills_reaps_and_reraises(mode: str) -> None:
+    proc, children = _start(mode)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     report = json.loads(out.strip().splitlines()[-1])
-    assert report == {"left": [], "handler_back": True, "cancelled": 3}
+    assert report["left"] == [] and report["handler_back"] is True
+    if mode == "polite":
+        assert report["cancelled"] == 3  # the three never forked
     assert _gone(children)
 
 
-def test_sigterm_kills_children_and_dies_by_sigterm() -> None:
-    proc, children = _start()
+@pytest.mark.parametrize("mode", ["polite", "persistent"])
+def test_sigterm_kills_children_and_dies_by_sigterm(mode: str) -> None:
+    proc, children = _start(mode)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM

@@ -1,0 +1,163 @@
+"""Persistent forked workers (``tasks_per_child=None`` or ``N``): the wire and the worker loop.
+
+A worker is forked by the pool's manager thread and then runs task after task:
+
+    parent ──task pipe──> worker:  u32 length + pickle((slot, spill, fn, args, kwargs))
+    worker ──done pipe──> parent:  u32 slot, once the outcome is complete in that slot
+
+Outcomes go through the pool's :class:`~ipcfork._transfer.OutcomeArena` exactly as in
+fork-per-task mode (large ones spill to their own shm object), so the pipes carry only the
+task and a 4-byte completion notice.  Each worker owns ``DEPTH`` slots, so the parent can queue
+the next task while one runs and the worker never waits for the parent between tasks.  The
+parent reads a slot only after its notice arrived, and gives the slot to a new task only
+after reading it: no slot is ever written and read at once.
+
+Unlike fork-per-task mode, the callable and its arguments are pickled here.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import pickle
+import struct
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._child import EXIT_NO_OUTCOME, EXIT_OK, die_with_parent, exception_payload, reset_signals
+from ._transfer import EXCEPTION, RESULT, OutcomeArena
+
+__all__ = ["DEPTH", "InFlight", "Worker", "encode_task", "run_worker"]
+
+DEPTH = 8  # tasks queued per worker: enough to keep it busy between parent rounds
+_U32 = struct.Struct("<I")
+
+
+@dataclass
+class InFlight:
+    """A task sent to a worker and not yet resolved."""
+
+    work: Any  # pool._Work
+    slot: int
+    spill: str
+    started: float | None = None  # when it became the worker's running task
+    deadline: float | None = None
+
+
+@dataclass
+class Worker:
+    """The parent's view of one persistent worker."""
+
+    pid: int
+    task_w: int
+    done_r: int
+    slots: list[int]
+    sent: int = 0
+    inflight: collections.deque[InFlight] = field(default_factory=collections.deque)
+    pending_bytes: bytes = b""
+    terminated_at: float | None = None
+    closed: bool = False
+
+    def send(self, message: bytes) -> None:
+        """Write one task; raises BrokenPipeError if the worker is gone."""
+        view = memoryview(_U32.pack(len(message)) + message)
+        while view:
+            written = os.write(self.task_w, view)
+            view = view[written:]
+
+    def read_notices(self) -> list[int]:
+        """The slots whose outcomes completed, from what the done pipe holds now."""
+        chunks = [self.pending_bytes]
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                chunk = os.read(self.done_r, 4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        data = b"".join(chunks)
+        whole = len(data) - len(data) % _U32.size
+        self.pending_bytes = data[whole:]
+        return [slot for (slot,) in _U32.iter_unpack(data[:whole])]
+
+    def stop(self) -> None:
+        """Close the task pipe: the worker ends after its current tasks (EOF)."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.task_w)
+
+    def close(self) -> None:
+        self.stop()
+        os.close(self.done_r)
+
+
+def run_worker(
+    parent_pid: int,
+    task_r: int,
+    done_w: int,
+    arena: OutcomeArena,
+    max_tasks: int | None,
+    initializer: Callable[..., Any] | None,
+    initargs: tuple[Any, ...],
+    close_fds: list[int],
+) -> None:
+    """The worker's loop; ``_exit``s, never returns."""
+    code = EXIT_NO_OUTCOME
+    try:
+        die_with_parent(parent_pid)
+        reset_signals()
+        for fd in close_fds:  # other workers' pipe ends: their EOFs must not wait on us
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if initializer is not None:
+            initializer(*initargs)
+        reader = os.fdopen(task_r, "rb")
+        done = 0
+        while max_tasks is None or done < max_tasks:
+            head = reader.read(_U32.size)
+            if len(head) < _U32.size:
+                break  # the parent closed the pipe: no more work
+            message = reader.read(_U32.unpack(head)[0])
+            _run_one(message, arena, done_w)
+            done += 1
+        code = EXIT_OK
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def encode_task(slot: int, spill: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> bytes:
+    """The task message after its length: slot, spill name, then the pickled call.
+
+    Raises what pickling raises (a lambda, an open file...): the task then fails at once.
+    """
+    name = spill.encode()
+    call = pickle.dumps((fn, args, kwargs), protocol=5)
+    return _U32.pack(slot) + _U32.pack(len(name)) + name + call
+
+
+def _run_one(message: bytes, arena: OutcomeArena, done_w: int) -> None:
+    """Run one task message and post its completion notice."""
+    (slot,) = _U32.unpack_from(message, 0)
+    (length,) = _U32.unpack_from(message, 4)
+    spill = message[8:8 + length].decode()
+    try:
+        fn, args, kwargs = pickle.loads(message[8 + length:])
+        result = fn(*args, **kwargs)
+    except Exception as exc:
+        arena.write(slot, EXCEPTION, exception_payload(exc), spill)
+    else:
+        try:
+            arena.write(slot, RESULT, result, spill)
+        except Exception as exc:  # unpicklable result
+            arena.write(slot, EXCEPTION, exception_payload(exc), spill)
+    os.write(done_w, _U32.pack(slot))

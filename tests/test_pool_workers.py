@@ -1,0 +1,128 @@
+"""ForkPool with persistent workers (tasks_per_child=None or N): pickled calls, queued
+tasks, crashes and timeouts that cost only the running task, recycling."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import pickle
+import random
+import signal
+import time
+
+import pytest
+
+import ipcfork
+from ipcfork import ChildCrashedError, ForkPool, TaskTimeoutError
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail(message: str) -> None:
+    raise LookupError(message)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pid_of_worker() -> int:
+    return os.getpid()
+
+
+def behave(i: int, how: str) -> int:
+    if how == "raise":
+        raise KeyError(i)
+    if how == "exit":
+        os._exit(4)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+def test_results_exceptions_and_reuse() -> None:
+    with ForkPool(2, tasks_per_child=None) as pool:
+        futures = [pool.submit(square, i) for i in range(50)]
+        assert [f.result(timeout=30) for f in futures] == [i * i for i in range(50)]
+        assert len({f.record.pid for f in futures}) <= 2  # the same workers ran them all
+        with pytest.raises(LookupError, match="nope") as info:
+            pool.submit(fail, "nope").result(timeout=30)
+        assert "fail" in str(info.value.__cause__)
+        assert len(pool.submit(bytes, 5_000_000).result(timeout=30)) == 5_000_000
+
+
+def test_unpicklable_call_fails_at_once() -> None:
+    with ForkPool(1, tasks_per_child=None) as pool:
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            pool.submit(lambda: 1).result(timeout=30)
+        assert pool.submit(square, 3).result(timeout=30) == 9
+
+
+def test_worker_crash_fails_only_the_running_task() -> None:
+    with ForkPool(1, tasks_per_child=None) as pool:
+        doomed = pool.submit(kill_self)
+        queued = [pool.submit(square, i) for i in range(5)]  # behind it in the same worker
+        with pytest.raises(ChildCrashedError) as info:
+            doomed.result(timeout=30)
+        assert info.value.signal == signal.SIGKILL
+        assert [f.result(timeout=30) for f in queued] == [0, 1, 4, 9, 16]
+        assert all(f.record.attempts == 1 for f in queued)
+
+
+def test_timeout_kills_the_worker_and_spares_the_queue() -> None:
+    with ForkPool(1, tasks_per_child=None, timeout=0.3, grace=0.3) as pool:
+        slow = pool.submit(time.sleep, 60)
+        after = pool.submit(square, 6)
+        with pytest.raises(TaskTimeoutError):
+            slow.result(timeout=30)
+        assert after.result(timeout=30) == 36
+
+
+def test_tasks_per_child_recycles_workers() -> None:
+    with ForkPool(1, tasks_per_child=3) as pool:
+        pids = [pool.submit(pid_of_worker).result(timeout=30) for _ in range(9)]
+    assert len(set(pids)) == 3
+    assert all(pids.count(pid) == 3 for pid in set(pids))
+
+
+def test_exactly_once_with_random_crashes() -> None:
+    rng = random.Random(99)
+    plan = [rng.choice(["ok"] * 6 + ["raise", "exit", "kill"]) for _ in range(600)]
+    with ForkPool(3, tasks_per_child=None) as pool:
+        futures = [pool.submit(behave, i, how) for i, how in enumerate(plan)]
+        _, not_done = cf.wait(futures, timeout=300)
+    assert not not_done
+    for i, (future, how) in enumerate(zip(futures, plan, strict=True)):
+        if how == "ok":
+            assert future.result() == i
+        elif how == "raise":
+            assert isinstance(future.exception(), KeyError)
+        else:
+            assert isinstance(future.exception(), ChildCrashedError)
+        assert future.record.attempts == 1
+
+
+def test_map_chunks_keep_order_and_raise_in_place() -> None:
+    with ForkPool(2, tasks_per_child=None) as pool:
+        assert list(pool.map(square, range(1000))) == [i * i for i in range(1000)]
+        assert list(pool.map(pow, [2, 3], [5, 2], chunksize=1)) == [32, 9]
+        results = pool.map(behave, range(10), ["ok"] * 5 + ["raise"] + ["ok"] * 4,
+                           chunksize=2)
+        assert [next(results) for _ in range(4)] == [0, 1, 2, 3]
+        with pytest.raises(KeyError):
+            list(results)
+        with pytest.raises(ipcfork.InvalidArgumentError, match="chunksize"):
+            pool.map(square, [1], chunksize=0)
+
+
+def test_imap_unordered_with_workers() -> None:
+    with ForkPool(2, tasks_per_child=None) as pool:
+        assert sorted(pool.imap_unordered(square, range(300))) == [i * i for i in range(300)]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_bad_tasks_per_child(bad: object) -> None:
+    with pytest.raises(ipcfork.InvalidArgumentError, match="tasks_per_child"):
+        ForkPool(1, tasks_per_child=bad)  # type: ignore[arg-type]
