@@ -418,7 +418,7 @@ def latency_bare(n: int, page: memoryview, pidfd: bool) -> list[float]:
 WAITPID = "bare fork, parent blocks in os.waitpid"
 
 
-def section_latency(cfg: Config, persistent: bool) -> None:
+def section_latency(cfg: Config, _persistent: bool) -> None:
     n = cfg.samples
     print(f"\n## 3. Child exit to future resolved ({n} samples per variant and repetition, "
           "microseconds, lower is better)\n")
@@ -486,7 +486,7 @@ def grow_heap(mib: int) -> bytearray:
     return heap
 
 
-def section_heap(cfg: Config, persistent: bool) -> None:
+def section_heap(cfg: Config, _persistent: bool) -> None:
     print("\n## 4. Fork per task against the parent's heap size (tasks/s, higher is better)\n")
     watch = CpuWatch()
     rows = []
@@ -518,7 +518,7 @@ def section_heap(cfg: Config, persistent: bool) -> None:
 # -- section 5: parent RSS over many tasks -------------------------------------------------
 
 
-def section_rss(cfg: Config, persistent: bool) -> None:
+def section_rss(cfg: Config, _persistent: bool) -> None:
     n = cfg.rss_tasks
     print(f"\n## 5. Parent memory over {n:,} fork-per-task tasks, ForkPool(2).imap_unordered\n")
     gc.collect()

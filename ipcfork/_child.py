@@ -59,12 +59,15 @@ def run_task_in_child(
     kwargs: dict[str, Any],
     initializer: Callable[..., Any] | None,
     initargs: tuple[Any, ...],
+    setup: Callable[[], None] | None = None,
 ) -> None:
     """Run one task and ``_exit``; never returns."""
     code = EXIT_NO_OUTCOME
     try:
         die_with_parent(parent_pid)
         reset_signals()
+        if setup is not None:
+            setup()
         try:
             if initializer is not None:
                 initializer(*initargs)

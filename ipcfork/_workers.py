@@ -103,12 +103,15 @@ def run_worker(
     initializer: Callable[..., Any] | None,
     initargs: tuple[Any, ...],
     close_fds: list[int],
+    setup: Callable[[], None] | None = None,
 ) -> None:
     """The worker's loop; ``_exit``s, never returns."""
     code = EXIT_NO_OUTCOME
     try:
         die_with_parent(parent_pid)
         reset_signals()
+        if setup is not None:
+            setup()
         for fd in close_fds:  # other workers' pipe ends: their EOFs must not wait on us
             with contextlib.suppress(OSError):
                 os.close(fd)

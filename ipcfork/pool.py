@@ -48,6 +48,8 @@ from typing import Any
 
 from ._child import run_task_in_child
 from ._identity import IDENTITY
+from ._logs import LogChannel
+from ._progress import with_progress
 from ._reaper import ChildWatch, Exit
 from ._signals import PoolSignals
 from ._timeouts import check_timeout
@@ -136,7 +138,11 @@ class ForkPool(Executor):
     child before its task.  ``max_load``: no new fork while the 1-minute load average is
     above it.  ``handle_signals`` (default: when created in the main thread): SIGINT and
     SIGTERM stop the pool, kill and reap its children, restore the previous handlers and
-    re-raise.
+    re-raise.  ``forward_logs``: log records made in children go to the parent's loggers and
+    handlers (the children's own handlers are removed), so I/O happens in the parent.
+    ``tasks_per_child``: 1 forks a fresh child per task (nothing pickled); None keeps
+    persistent workers (the call and its arguments are pickled); N recycles a worker after
+    N tasks.
 
     Raises InvalidArgumentError for bad arguments (the message names the limit).
     """
@@ -153,6 +159,7 @@ class ForkPool(Executor):
         initargs: tuple[Any, ...] = (),
         max_load: float | None = None,
         handle_signals: bool | None = None,
+        forward_logs: bool = True,
     ) -> None:
         fd_cap = max(1, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - _FD_RESERVE) // 2)
         if max_workers is None:
@@ -191,6 +198,9 @@ class ForkPool(Executor):
         self._free_slots = list(range(slots))
         self._workers: dict[int, Worker] = {}
         self._worker_by_fd: dict[int, Worker] = {}
+        self._logs = LogChannel() if forward_logs else None
+        if self._logs is not None:
+            self._watch.add_reader(self._logs.fd)
         self._thread: threading.Thread | None = None
         self._shutdown = False
         self._abort_signal: int | None = None
@@ -231,15 +241,23 @@ class ForkPool(Executor):
         return future
 
     def imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
-                       in_flight: int | None = None) -> Iterator[Any]:
+                       in_flight: int | None = None, progress: bool = False) -> Iterator[Any]:
         """Yield ``fn(item)`` for each item as results arrive, in completion order.
 
         The input is consumed lazily: at most ``in_flight`` tasks exist at a time (default:
         ``max_workers``, times the per-worker queue depth with persistent workers), so a
         generator of a million items keeps memory bounded.  The first failed task's
         exception is raised from the iterator; tasks not yet started are cancelled when the
-        iterator is closed.
+        iterator is closed.  ``progress=True`` shows a progress bar (tqdm when installed).
         """
+        results = self._imap_unordered(fn, iterable, in_flight)
+        if progress:
+            total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+            return with_progress(results, total, getattr(fn, "__name__", "tasks"))
+        return results
+
+    def _imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any],
+                        in_flight: int | None) -> Iterator[Any]:
         limit = in_flight or self.max_workers * (DEPTH if self._persistent else 1)
         done: queue.SimpleQueue[TaskFuture] = queue.SimpleQueue()
         items = iter(iterable)
@@ -262,14 +280,25 @@ class ForkPool(Executor):
                 future.cancel()
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
-            timeout: float | None = None, chunksize: int | None = None) -> Iterator[Any]:
+            timeout: float | None = None, chunksize: int | None = None,
+            progress: bool = False) -> Iterator[Any]:
         """Like :func:`map`, computed in children; results in input order.
 
         ``chunksize`` items go to a child at a time.  The default is 1 with fork-per-task
         (every item gets its own fresh child) and, with persistent workers, a quarter of an
         even share per worker when the inputs have a length (as ``multiprocessing.Pool.map``
         does).  Raises the first failed item's exception when the iterator reaches it.
+        ``progress=True`` shows a progress bar (tqdm when installed).
         """
+        results = self._map(fn, iterables, timeout, chunksize)
+        if progress:
+            sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
+            total = min(sizes) if len(sizes) == len(iterables) else None
+            return with_progress(results, total, getattr(fn, "__name__", "tasks"))
+        return results
+
+    def _map(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
+             timeout: float | None, chunksize: int | None) -> Iterator[Any]:
         if chunksize is None:
             chunksize = 1
             if self._persistent and all(hasattr(it, "__len__") for it in iterables):
@@ -302,6 +331,9 @@ class ForkPool(Executor):
                 thread.join()
             self._watch_close()
             self._arena.close()
+            if self._logs is not None:
+                self._logs.close()
+                self._logs = None
 
     def _watch_close(self) -> None:
         with self._lock:
@@ -336,8 +368,16 @@ class ForkPool(Executor):
             self._fail_everything(exc)
             raise
 
+    def _child_setup(self) -> None:
+        """Runs in every child right after the fork."""
+        if self._logs is not None:
+            self._logs.install_in_child()
+
     def _handle_events(self, exits: list[Exit]) -> None:
-        # Completion notices first: a worker that exited may have posted some just before.
+        # Log records first, so a task's records reach the handlers before its future
+        # resolves; then completion notices (a worker that exited may have posted some).
+        if self._logs is not None:
+            self._logs.drain()
         for fd in self._watch.ready:
             worker = self._worker_by_fd.get(fd)
             if worker is not None:
@@ -392,7 +432,7 @@ class ForkPool(Executor):
         pid = os.fork()
         if pid == 0:  # the child: never returns
             run_task_in_child(self._parent, write, work.fn, work.args, work.kwargs,
-                              self._initializer, self._initargs)
+                              self._initializer, self._initargs, self._child_setup)
         self._watch.add(pid)
         deadline = None if self.timeout is None else started + self.timeout
         with self._lock:
@@ -574,7 +614,7 @@ class ForkPool(Executor):
             os.close(task_w)
             os.close(done_r)
             run_worker(self._parent, task_r, done_w, self._arena, self.tasks_per_child,
-                       self._initializer, self._initargs, others)
+                       self._initializer, self._initargs, others, self._child_setup)
         os.close(task_r)
         os.close(done_w)
         os.set_blocking(done_r, False)

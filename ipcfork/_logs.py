@@ -1,0 +1,85 @@
+"""Forwarding children's log records to the parent's handlers ("do I/O in the parent").
+
+Each pool owns one ``AF_UNIX``/``SOCK_DGRAM`` socket pair.  In a child, the root logger's
+handlers are replaced by one that sends each record, formatted into plain data, as a single
+datagram (message boundaries kept, one send is atomic, so records of concurrent children
+never interleave).  The parent's manager thread reads the socket whenever it has data, so a
+child never waits on a full channel for long, and hands each record to the logger of the
+same name in the parent, whose handlers and levels then apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import socket
+from typing import Any
+
+__all__ = ["LogChannel"]
+
+_MAX_DATAGRAM = 60_000  # longer messages are cut, so one record is always one datagram
+
+
+class _ForwardingHandler(logging.Handler):
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = dict(record.__dict__)
+            data["msg"] = record.getMessage()[:_MAX_DATAGRAM]
+            data["args"] = None
+            if record.exc_info:
+                data["exc_text"] = logging.Formatter().formatException(record.exc_info)
+            data["exc_info"] = None
+            payload = pickle.dumps({k: v for k, v in data.items() if _plain(v)}, protocol=5)
+            self._sock.send(payload)
+        except Exception:
+            self.handleError(record)
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, tuple))
+
+
+class LogChannel:
+    """The socket pair of one pool."""
+
+    def __init__(self) -> None:
+        self._parent_end, self._child_end = socket.socketpair(socket.AF_UNIX,
+                                                              socket.SOCK_DGRAM)
+        self._parent_end.setblocking(False)
+
+    @property
+    def fd(self) -> int:
+        """The descriptor the parent polls."""
+        return self._parent_end.fileno()
+
+    def install_in_child(self) -> None:
+        """In a child: route every record to the parent instead of local handlers."""
+        self._parent_end.close()
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(_ForwardingHandler(self._child_end))
+        logging.lastResort = None
+
+    def drain(self) -> None:
+        """In the parent: hand every waiting record to the parent's loggers."""
+        while True:
+            try:
+                payload = self._parent_end.recv(1 << 18)
+            except (BlockingIOError, OSError):
+                return
+            with contextlib.suppress(Exception):
+                record = logging.makeLogRecord(pickle.loads(payload))
+                logger = logging.getLogger(record.name)
+                if logger.isEnabledFor(record.levelno):
+                    logger.handle(record)
+
+    def close(self) -> None:
+        self.drain()
+        self._parent_end.close()
+        self._child_end.close()
