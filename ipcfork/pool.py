@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import functools
 import itertools
 import os
@@ -42,25 +41,24 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._child import run_task_in_child
 from ._identity import IDENTITY
 from ._logs import LogChannel
+from ._pool_workers import WorkerDispatch
 from ._progress import with_progress
 from ._reaper import ChildWatch, Exit
 from ._signals import PoolSignals
+from ._tasks import TaskFuture, TaskRecord, Work, apply_chunk, chunks, drop, kill, task_failure
 from ._timeouts import check_timeout
 from ._transfer import EXCEPTION, OutcomeArena, discard_outcome, outcome_name
-from ._workers import DEPTH, InFlight, Worker, encode_task, run_worker
+from ._workers import DEPTH, Worker
 from .errors import (
-    ChildCrashedError,
     ForkSafetyWarning,
     InvalidArgumentError,
-    RemoteTraceback,
-    TaskTimeoutError,
 )
 
 __all__ = ["ForkPool", "TaskFuture", "TaskRecord"]
@@ -75,40 +73,8 @@ warnings.filterwarnings("ignore", message=r".*multi-threaded.*fork", category=De
 
 
 @dataclass
-class TaskRecord:
-    """What happened to one task: the child's pid and exit, timings and resource usage."""
-
-    task_id: int
-    attempts: int = 0
-    pid: int | None = None
-    exitcode: int | None = None
-    signal: int | None = None
-    wall_time: float | None = None
-    maxrss_kib: int | None = None
-    utime: float | None = None
-    stime: float | None = None
-    outcome: str = "pending"  # result, exception, crash, timeout, cancelled
-
-
-class TaskFuture(Future[Any]):
-    """A Future that also carries its task's :class:`TaskRecord` as ``record``."""
-
-    def __init__(self, task_id: int) -> None:
-        super().__init__()
-        self.record = TaskRecord(task_id)
-
-
-@dataclass
-class _Work:
-    future: TaskFuture
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-
-@dataclass
 class _Running:
-    work: _Work
+    work: Work
     pid: int
     slot: int
     spill: str
@@ -125,7 +91,7 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-class ForkPool(Executor):
+class ForkPool(WorkerDispatch, Executor):
     """Run callables in forked children, one fresh child per task, at most ``max_workers``
     at a time; a ``concurrent.futures.Executor``.
 
@@ -189,7 +155,7 @@ class ForkPool(Executor):
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._ids = itertools.count(1)
-        self._pending: collections.deque[_Work] = collections.deque()
+        self._pending: collections.deque[Work] = collections.deque()
         self._running: dict[int, _Running] = {}
         self._lock = threading.Lock()
         self._watch = ChildWatch()
@@ -229,7 +195,7 @@ class ForkPool(Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future = TaskFuture(next(self._ids))
-            self._pending.append(_Work(future, fn, args, kwargs))
+            self._pending.append(Work(future, fn, args, kwargs))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._manage, name="ipcfork-pool",
                                                 daemon=True)
@@ -308,8 +274,8 @@ class ForkPool(Executor):
             raise InvalidArgumentError(f"chunksize must be an int >= 1, not {chunksize!r}")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunks(zip(*iterables, strict=False), chunksize)
-        results = super().map(functools.partial(_apply_chunk, fn), chunks, timeout=timeout)
+        batches = chunks(zip(*iterables, strict=False), chunksize)
+        results = super().map(functools.partial(apply_chunk, fn), batches, timeout=timeout)
         return itertools.chain.from_iterable(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -416,7 +382,7 @@ class ForkPool(Executor):
                 continue
             self._fork(work)
 
-    def _fork(self, work: _Work) -> None:
+    def _fork(self, work: Work) -> None:
         self._warn_about_threads()
         record = work.future.record
         record.attempts += 1
@@ -478,17 +444,17 @@ class ForkPool(Executor):
             if run.terminated_at is None:
                 run.terminated_at = now
                 run.extra["timed_out"] = True
-                _kill(run.pid, signal.SIGTERM)
+                kill(run.pid, signal.SIGTERM)
             elif now >= run.terminated_at + self.grace:
-                _kill(run.pid, signal.SIGKILL)
+                kill(run.pid, signal.SIGKILL)
         for worker in self._workers.values():
             head = worker.inflight[0] if worker.inflight else None
             if worker.terminated_at is not None:
                 if now >= worker.terminated_at + self.grace:
-                    _kill(worker.pid, signal.SIGKILL)
+                    kill(worker.pid, signal.SIGKILL)
             elif head is not None and head.deadline is not None and now >= head.deadline:
                 worker.terminated_at = now  # its running task is the one that timed out
-                _kill(worker.pid, signal.SIGTERM)
+                kill(worker.pid, signal.SIGTERM)
 
     def _resolve(self, exited: Exit) -> None:
         """A fork-per-task child exited: settle its task."""
@@ -516,7 +482,7 @@ class ForkPool(Executor):
             discard_outcome(spill)  # a child that died mid-spill may have left it behind
         return outcome, None
 
-    def _settle(self, work: _Work, outcome: tuple[int, Any] | None,
+    def _settle(self, work: Work, outcome: tuple[int, Any] | None,
                 load_error: BaseException | None, *, exited: Exit | None,
                 timed_out: bool) -> None:
         """Resolve a task's future from its outcome, or run it again if retries remain."""
@@ -530,164 +496,12 @@ class ForkPool(Executor):
             record.outcome = "exception"
             error = load_error
         else:
-            error = self._failure(work, exited, outcome, timed_out)
+            error = task_failure(work, exited, outcome, timed_out, self.timeout)
         if record.attempts <= self.retries and self._abort_signal is None:
             with self._lock:
                 self._pending.appendleft(work)  # run it again, before newer tasks
             return
         future.set_exception(error)
-
-    def _failure(self, work: _Work, exited: Exit | None, outcome: tuple[int, Any] | None,
-                 timed_out: bool) -> BaseException:
-        record = work.future.record
-        pid = exited.pid if exited is not None else record.pid
-        if timed_out:
-            record.outcome = "timeout"
-            return TaskTimeoutError(
-                f"task {record.task_id} ran past {self.timeout} s; its process {pid} "
-                f"was terminated", limit=f"timeout={self.timeout}")
-        if outcome is not None:
-            record.outcome = "exception"
-            exc, text_repr, text = outcome[1]
-            if exc is None:
-                exc = ChildCrashedError(f"task raised an unpicklable exception: {text_repr}",
-                                        pid=pid)
-            exc.__cause__ = RemoteTraceback(f'\n"""\n{text}"""')
-            return exc  # type: ignore[no-any-return]
-        record.outcome = "crash"
-        if exited is None:
-            return ChildCrashedError(f"task {record.task_id}: process {pid} handed back "
-                                     "no outcome", pid=pid)
-        if exited.signal is not None:
-            how = f"was killed by signal {exited.signal} ({signal.Signals(exited.signal).name})"
-        else:
-            how = f"exited with status {exited.exitcode} without handing back an outcome"
-        return ChildCrashedError(f"task {record.task_id}: process {exited.pid} {how}",
-                                 pid=exited.pid, exitcode=exited.exitcode,
-                                 signal=exited.signal)
-
-    # -- persistent workers (tasks_per_child=None or N) ----------------------------------
-
-    def _has_room(self, worker: Worker) -> bool:
-        return (not worker.closed and worker.terminated_at is None
-                and len(worker.inflight) < DEPTH
-                and (self.tasks_per_child is None or worker.sent < self.tasks_per_child))
-
-    def _dispatch_to_workers(self) -> None:
-        while True:
-            with self._lock:
-                if not self._pending or self._abort_signal is not None:
-                    return
-            worker = self._pick_worker()
-            if worker is None:
-                return
-            with self._lock:
-                if not self._pending:
-                    return
-                work = self._pending.popleft()
-            if not (work.future.running() or work.future.set_running_or_notify_cancel()):
-                work.future.record.outcome = "cancelled"
-                continue
-            self._send(worker, work)
-
-    def _pick_worker(self) -> Worker | None:
-        """An idle worker, else a new one while below max_workers (and the load allows),
-        else the least busy worker with room; None when all are full."""
-        open_workers = [w for w in self._workers.values() if self._has_room(w)]
-        idle = [w for w in open_workers if not w.inflight]
-        if idle:
-            return idle[0]
-        if len(self._workers) < self.max_workers and (
-                not self._workers or self._load_allows_fork()):
-            return self._fork_worker()
-        return min(open_workers, key=lambda w: len(w.inflight), default=None)
-
-    def _fork_worker(self) -> Worker:
-        self._warn_about_threads()
-        task_r, task_w = os.pipe2(os.O_CLOEXEC)
-        done_r, done_w = os.pipe2(os.O_CLOEXEC)
-        slots = [self._free_slots.pop() for _ in range(DEPTH)]
-        others = [fd for w in self._workers.values() for fd in (w.task_w, w.done_r)
-                  if not w.closed]
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns
-            os.close(task_w)
-            os.close(done_r)
-            run_worker(self._parent, task_r, done_w, self._arena, self.tasks_per_child,
-                       self._initializer, self._initargs, others, self._child_setup)
-        os.close(task_r)
-        os.close(done_w)
-        os.set_blocking(done_r, False)
-        worker = Worker(pid, task_w, done_r, slots)
-        self._workers[pid] = worker
-        self._worker_by_fd[done_r] = worker
-        self._watch.add(pid)
-        self._watch.add_reader(done_r)
-        return worker
-
-    def _send(self, worker: Worker, work: _Work) -> None:
-        record = work.future.record
-        record.attempts += 1
-        record.pid = worker.pid
-        slot = worker.slots.pop()
-        spill = outcome_name(self._parent, self._tag, record.task_id, record.attempts)
-        try:
-            message = encode_task(slot, spill, work.fn, work.args, work.kwargs)
-        except Exception as exc:  # the call cannot be pickled: it fails here and now
-            worker.slots.append(slot)
-            record.outcome = "exception"
-            work.future.set_exception(exc)
-            return
-        self._arena.prepare(slot)
-        flight = InFlight(work, slot, spill)
-        if not worker.inflight:
-            self._start_clock(flight)
-        worker.inflight.append(flight)
-        worker.sent += 1
-        with contextlib.suppress(BrokenPipeError):  # a dead worker's exit settles it
-            worker.send(message)
-
-    def _start_clock(self, flight: InFlight) -> None:
-        flight.started = time.monotonic()
-        if self.timeout is not None:
-            flight.deadline = flight.started + self.timeout
-
-    def _on_notices(self, worker: Worker) -> None:
-        for slot in worker.read_notices():
-            flight = worker.inflight.popleft()
-            if flight.slot != slot:  # pragma: no cover - a protocol bug, never silent
-                raise RuntimeError(f"worker {worker.pid} completed slot {slot}, "
-                                   f"expected {flight.slot}")
-            outcome, load_error = self._read_slot(slot, flight.spill)
-            worker.slots.append(slot)
-            record = flight.work.future.record
-            record.wall_time = time.monotonic() - (flight.started or time.monotonic())
-            if worker.inflight:
-                self._start_clock(worker.inflight[0])
-            self._settle(flight.work, outcome, load_error, exited=None, timed_out=False)
-
-    def _on_worker_exit(self, exited: Exit) -> None:
-        worker = self._workers.pop(exited.pid)
-        self._on_notices(worker)  # what it finished before dying counts
-        self._watch.remove_reader(worker.done_r)
-        del self._worker_by_fd[worker.done_r]
-        flights = list(worker.inflight)
-        self._free_slots.extend(worker.slots + [f.slot for f in flights])
-        worker.close()
-        if not flights:
-            return
-        head, queued = flights[0], flights[1:]
-        with self._lock:
-            for flight in reversed(queued):  # never started: back to the front, in order
-                discard_outcome(flight.spill)
-                flight.work.future.record.attempts -= 1
-                self._pending.appendleft(flight.work)
-        record = head.work.future.record
-        record.exitcode, record.signal = exited.exitcode, exited.signal
-        record.wall_time = time.monotonic() - (head.started or time.monotonic())
-        discard_outcome(head.spill)
-        self._settle(head.work, None, None, exited=exited,
-                     timed_out=worker.terminated_at is not None)
 
     # -- stopping -----------------------------------------------------------------------
 
@@ -698,10 +512,10 @@ class ForkPool(Executor):
             pending, self._pending = list(self._pending), collections.deque()
             running = list(self._running.values())
         for work in pending:
-            _drop(work)
+            drop(work)
         first = signal.SIGKILL if self._kill_now else signal.SIGTERM
         for pid in [run.pid for run in running] + list(self._workers):
-            _kill(pid, first)
+            kill(pid, first)
         deadline = time.monotonic() + self.grace
         while True:
             with self._lock:
@@ -712,12 +526,12 @@ class ForkPool(Executor):
                 with self._lock:
                     pids = list(self._running) + list(self._workers)
                 for pid in pids:
-                    _kill(pid, signal.SIGKILL)
+                    kill(pid, signal.SIGKILL)
                 remaining = 1.0
             self._handle_events(self._watch.wait(remaining))
             with self._lock:
                 for work in self._pending:  # requeued by a dying worker: drop them too
-                    _drop(work)
+                    drop(work)
                 self._pending.clear()
 
     def abort(self, signum: int, *, kill_now: bool = False) -> None:
@@ -753,25 +567,3 @@ def _shutdown_at_exit(ref: weakref.ref[ForkPool]) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
-
-
-def _apply_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    """Run ``fn`` over a chunk of argument tuples (module level, so it pickles)."""
-    return [fn(*args) for args in chunk]
-
-
-def _drop(work: _Work) -> None:
-    """Cancel a task that will not run; one already running gets CancelledError."""
-    future = work.future
-    if not future.cancel() and not future.done():
-        work.future.record.outcome = "cancelled"
-        future.set_exception(CancelledError("the pool was stopped before this task ended"))
-
-
-def _kill(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)

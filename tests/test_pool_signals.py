@@ -32,10 +32,10 @@ SCRIPT = textwrap.dedent("""
     pool = ipcfork.ForkPool(3, grace=30 if stubborn else 1,
                             tasks_per_child=None if persistent else 1)
     futures = [pool.submit(task, i) for i in range(6)]
-    while len(testing.children()) < 3:
-        time.sleep(0.01)
-    print(json.dumps(testing.children()), flush=True)
-    try:
+    try:  # from here on a Ctrl-C must land in the handler below
+        while len(testing.children()) < 3:
+            time.sleep(0.01)
+        print(json.dumps(testing.children()), flush=True)
         for f in futures:
             if not f.cancelled():
                 f.exception()

@@ -1,0 +1,182 @@
+"""ForkPool's persistent-worker mode (``tasks_per_child=None`` or ``N``), as a mixin.
+
+The wire protocol and the worker's loop live in ``_workers``; this is the parent's side:
+choosing a worker, forking one, sending a task, reading completion notices, and settling
+what a dying worker leaves behind (its running task fails, its queued ones run elsewhere).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ._reaper import ChildWatch, Exit
+from ._tasks import Work
+from ._transfer import OutcomeArena, discard_outcome, outcome_name
+from ._workers import DEPTH, InFlight, Worker, encode_task, run_worker
+
+__all__ = ["WorkerDispatch"]
+
+
+class WorkerDispatch:
+    """The persistent-worker half of ForkPool; the attributes below are ForkPool's."""
+
+    max_workers: int
+    tasks_per_child: int | None
+    timeout: float | None
+    _pending: collections.deque[Work]
+    _lock: threading.Lock
+    _abort_signal: int | None
+    _watch: ChildWatch
+    _arena: OutcomeArena
+    _free_slots: list[int]
+    _workers: dict[int, Worker]
+    _worker_by_fd: dict[int, Worker]
+    _parent: int
+    _tag: str
+    _initializer: Callable[..., Any] | None
+    _initargs: tuple[Any, ...]
+
+    def _load_allows_fork(self) -> bool:
+        raise NotImplementedError
+
+    def _warn_about_threads(self) -> None:
+        raise NotImplementedError
+
+    def _child_setup(self) -> None:
+        raise NotImplementedError
+
+    def _read_slot(self, slot: int, spill: str) -> tuple[tuple[int, Any] | None,
+                                                         BaseException | None]:
+        raise NotImplementedError
+
+    def _settle(self, work: Work, outcome: tuple[int, Any] | None,
+                load_error: BaseException | None, *, exited: Exit | None,
+                timed_out: bool) -> None:
+        raise NotImplementedError
+
+    def _has_room(self, worker: Worker) -> bool:
+        return (not worker.closed and worker.terminated_at is None
+                and len(worker.inflight) < DEPTH
+                and (self.tasks_per_child is None or worker.sent < self.tasks_per_child))
+
+    def _dispatch_to_workers(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or self._abort_signal is not None:
+                    return
+            worker = self._pick_worker()
+            if worker is None:
+                return
+            with self._lock:
+                if not self._pending:
+                    return
+                work = self._pending.popleft()
+            if not (work.future.running() or work.future.set_running_or_notify_cancel()):
+                work.future.record.outcome = "cancelled"
+                continue
+            self._send(worker, work)
+
+    def _pick_worker(self) -> Worker | None:
+        """An idle worker, else a new one while below max_workers (and the load allows),
+        else the least busy worker with room; None when all are full."""
+        open_workers = [w for w in self._workers.values() if self._has_room(w)]
+        idle = [w for w in open_workers if not w.inflight]
+        if idle:
+            return idle[0]
+        if len(self._workers) < self.max_workers and (
+                not self._workers or self._load_allows_fork()):
+            return self._fork_worker()
+        return min(open_workers, key=lambda w: len(w.inflight), default=None)
+
+    def _fork_worker(self) -> Worker:
+        self._warn_about_threads()
+        task_r, task_w = os.pipe2(os.O_CLOEXEC)
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        slots = [self._free_slots.pop() for _ in range(DEPTH)]
+        others = [fd for w in self._workers.values() for fd in (w.task_w, w.done_r)
+                  if not w.closed]
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            os.close(task_w)
+            os.close(done_r)
+            run_worker(self._parent, task_r, done_w, self._arena, self.tasks_per_child,
+                       self._initializer, self._initargs, others, self._child_setup)
+        os.close(task_r)
+        os.close(done_w)
+        os.set_blocking(done_r, False)
+        worker = Worker(pid, task_w, done_r, slots)
+        self._workers[pid] = worker
+        self._worker_by_fd[done_r] = worker
+        self._watch.add(pid)
+        self._watch.add_reader(done_r)
+        return worker
+
+    def _send(self, worker: Worker, work: Work) -> None:
+        record = work.future.record
+        record.attempts += 1
+        record.pid = worker.pid
+        slot = worker.slots.pop()
+        spill = outcome_name(self._parent, self._tag, record.task_id, record.attempts)
+        try:
+            message = encode_task(slot, spill, work.fn, work.args, work.kwargs)
+        except Exception as exc:  # the call cannot be pickled: it fails here and now
+            worker.slots.append(slot)
+            record.outcome = "exception"
+            work.future.set_exception(exc)
+            return
+        self._arena.prepare(slot)
+        flight = InFlight(work, slot, spill)
+        if not worker.inflight:
+            self._start_clock(flight)
+        worker.inflight.append(flight)
+        worker.sent += 1
+        with contextlib.suppress(BrokenPipeError):  # a dead worker's exit settles it
+            worker.send(message)
+
+    def _start_clock(self, flight: InFlight) -> None:
+        flight.started = time.monotonic()
+        if self.timeout is not None:
+            flight.deadline = flight.started + self.timeout
+
+    def _on_notices(self, worker: Worker) -> None:
+        for slot in worker.read_notices():
+            flight = worker.inflight.popleft()
+            if flight.slot != slot:  # pragma: no cover - a protocol bug, never silent
+                raise RuntimeError(f"worker {worker.pid} completed slot {slot}, "
+                                   f"expected {flight.slot}")
+            outcome, load_error = self._read_slot(slot, flight.spill)
+            worker.slots.append(slot)
+            record = flight.work.future.record
+            record.wall_time = time.monotonic() - (flight.started or time.monotonic())
+            if worker.inflight:
+                self._start_clock(worker.inflight[0])
+            self._settle(flight.work, outcome, load_error, exited=None, timed_out=False)
+
+    def _on_worker_exit(self, exited: Exit) -> None:
+        worker = self._workers.pop(exited.pid)
+        self._on_notices(worker)  # what it finished before dying counts
+        self._watch.remove_reader(worker.done_r)
+        del self._worker_by_fd[worker.done_r]
+        flights = list(worker.inflight)
+        self._free_slots.extend(worker.slots + [f.slot for f in flights])
+        worker.close()
+        if not flights:
+            return
+        head, queued = flights[0], flights[1:]
+        with self._lock:
+            for flight in reversed(queued):  # never started: back to the front, in order
+                discard_outcome(flight.spill)
+                flight.work.future.record.attempts -= 1
+                self._pending.appendleft(flight.work)
+        record = head.work.future.record
+        record.exitcode, record.signal = exited.exitcode, exited.signal
+        record.wall_time = time.monotonic() - (head.started or time.monotonic())
+        discard_outcome(head.spill)
+        self._settle(head.work, None, None, exited=exited,
+                     timed_out=worker.terminated_at is not None)

@@ -1,0 +1,107 @@
+"""A task's bookkeeping: its future, its record, and how a failure becomes an exception."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
+from typing import Any
+
+from ._reaper import Exit
+from .errors import ChildCrashedError, RemoteTraceback, TaskTimeoutError
+
+__all__ = ["TaskFuture", "TaskRecord", "Work", "apply_chunk", "chunks", "drop", "kill",
+           "task_failure"]
+
+
+@dataclass
+class TaskRecord:
+    """What happened to one task: the child's pid and exit, timings and resource usage."""
+
+    task_id: int
+    attempts: int = 0
+    pid: int | None = None
+    exitcode: int | None = None
+    signal: int | None = None
+    wall_time: float | None = None
+    maxrss_kib: int | None = None
+    utime: float | None = None
+    stime: float | None = None
+    outcome: str = "pending"  # result, exception, crash, timeout, cancelled
+
+
+class TaskFuture(Future[Any]):
+    """A Future that also carries its task's :class:`TaskRecord` as ``record``."""
+
+    def __init__(self, task_id: int) -> None:
+        super().__init__()
+        self.record = TaskRecord(task_id)
+
+
+@dataclass
+class Work:
+    """One submitted call and its future."""
+
+    future: TaskFuture
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def task_failure(work: Work, exited: Exit | None, outcome: tuple[int, Any] | None,
+                 timed_out: bool, timeout: float | None) -> BaseException:
+    """The exception a failed task's future gets; sets ``record.outcome``."""
+    record = work.future.record
+    pid = exited.pid if exited is not None else record.pid
+    if timed_out:
+        record.outcome = "timeout"
+        return TaskTimeoutError(
+            f"task {record.task_id} ran past {timeout} s; its process {pid} "
+            f"was terminated", limit=f"timeout={timeout}")
+    if outcome is not None:
+        record.outcome = "exception"
+        exc, text_repr, text = outcome[1]
+        if exc is None:
+            exc = ChildCrashedError(f"task raised an unpicklable exception: {text_repr}",
+                                    pid=pid)
+        exc.__cause__ = RemoteTraceback(f'\n"""\n{text}"""')
+        return exc  # type: ignore[no-any-return]
+    record.outcome = "crash"
+    if exited is None:
+        return ChildCrashedError(f"task {record.task_id}: process {pid} handed back "
+                                 "no outcome", pid=pid)
+    if exited.signal is not None:
+        how = f"was killed by signal {exited.signal} ({signal.Signals(exited.signal).name})"
+    else:
+        how = f"exited with status {exited.exitcode} without handing back an outcome"
+    return ChildCrashedError(f"task {record.task_id}: process {exited.pid} {how}",
+                             pid=exited.pid, exitcode=exited.exitcode,
+                             signal=exited.signal)
+
+
+def chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def apply_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``fn`` over a chunk of argument tuples (module level, so it pickles)."""
+    return [fn(*args) for args in chunk]
+
+
+def drop(work: Work) -> None:
+    """Cancel a task that will not run; one already running gets CancelledError."""
+    future = work.future
+    if not future.cancel() and not future.done():
+        work.future.record.outcome = "cancelled"
+        future.set_exception(CancelledError("the pool was stopped before this task ended"))
+
+
+def kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
