@@ -14,7 +14,7 @@ from typing import Any
 from ._reaper import Exit
 from .errors import ChildCrashedError, RemoteTraceback, TaskTimeoutError
 
-__all__ = ["TaskFuture", "TaskRecord", "Work", "apply_chunk", "chunks", "drop", "kill",
+__all__ = ["Running", "TaskFuture", "TaskRecord", "Work", "apply_chunk", "chunks", "drop", "kill",
            "task_failure"]
 
 
@@ -50,6 +50,20 @@ class Work:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+
+
+@dataclass
+class Running:
+    """A task whose child runs now (fork-per-task and zygote modes)."""
+
+    work: Work
+    pid: int  # 0 until a zygote reports the child it forked
+    slot: int
+    spill: str
+    started: float
+    deadline: float | None
+    terminated_at: float | None = None
+    timed_out: bool = False
 
 
 def task_failure(work: Work, exited: Exit | None, outcome: tuple[int, Any] | None,

@@ -42,17 +42,27 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import Any
 
 from ._child import run_task_in_child
 from ._identity import IDENTITY
 from ._logs import LogChannel
 from ._pool_workers import WorkerDispatch
+from ._pool_zygote import ZygoteDispatch
 from ._progress import with_progress
 from ._reaper import ChildWatch, Exit
 from ._signals import PoolSignals
-from ._tasks import TaskFuture, TaskRecord, Work, apply_chunk, chunks, drop, kill, task_failure
+from ._tasks import (
+    Running,
+    TaskFuture,
+    TaskRecord,
+    Work,
+    apply_chunk,
+    chunks,
+    drop,
+    kill,
+    task_failure,
+)
 from ._timeouts import check_timeout
 from ._transfer import EXCEPTION, OutcomeArena, discard_outcome, outcome_name
 from ._workers import DEPTH, Worker
@@ -72,18 +82,6 @@ warnings.filterwarnings("ignore", message=r".*multi-threaded.*fork", category=De
                         module=r"ipcfork\.pool")
 
 
-@dataclass
-class _Running:
-    work: Work
-    pid: int
-    slot: int
-    spill: str
-    started: float
-    deadline: float | None
-    terminated_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def _default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -91,7 +89,7 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-class ForkPool(WorkerDispatch, Executor):
+class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
     """Run callables in forked children, one fresh child per task, at most ``max_workers``
     at a time; a ``concurrent.futures.Executor``.
 
@@ -126,6 +124,7 @@ class ForkPool(WorkerDispatch, Executor):
         max_load: float | None = None,
         handle_signals: bool | None = None,
         forward_logs: bool = True,
+        zygote: bool = False,
     ) -> None:
         fd_cap = max(1, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - _FD_RESERVE) // 2)
         if max_workers is None:
@@ -141,6 +140,9 @@ class ForkPool(WorkerDispatch, Executor):
             raise InvalidArgumentError(
                 f"tasks_per_child must be None or an int >= 1, not {tasks_per_child!r}",
                 limit="None or >= 1")
+        if zygote and tasks_per_child != 1:
+            raise InvalidArgumentError("zygote=True forks a child per task: it needs "
+                                       "tasks_per_child=1", limit="tasks_per_child == 1")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise InvalidArgumentError(f"retries must be an int >= 0, not {retries!r}")
         if initializer is not None and not callable(initializer):
@@ -156,7 +158,7 @@ class ForkPool(WorkerDispatch, Executor):
         self._initargs = tuple(initargs)
         self._ids = itertools.count(1)
         self._pending: collections.deque[Work] = collections.deque()
-        self._running: dict[int, _Running] = {}
+        self._running: dict[int, Running] = {}
         self._lock = threading.Lock()
         self._watch = ChildWatch()
         slots = max_workers * (DEPTH if self._persistent else 1)
@@ -167,6 +169,11 @@ class ForkPool(WorkerDispatch, Executor):
         self._logs = LogChannel() if forward_logs else None
         if self._logs is not None:
             self._watch.add_reader(self._logs.fd)
+        self._zygote = zygote
+        self._zygote_pid = None
+        self._zygote_cmd = self._zygote_events = -1
+        self._zygote_rest = b""
+        self._zruns: dict[int, Running] = {}
         self._thread: threading.Thread | None = None
         self._shutdown = False
         self._abort_signal: int | None = None
@@ -179,6 +186,8 @@ class ForkPool(WorkerDispatch, Executor):
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
         self._signals = PoolSignals(self) if handle_signals else None
+        if zygote:
+            self._start_zygote()  # now: before this process grows threads or a big heap
         # Children must not outlive an interpreter that forgot to shut the pool down.
         atexit.register(_shutdown_at_exit, weakref.ref(self))
 
@@ -283,6 +292,11 @@ class ForkPool(WorkerDispatch, Executor):
         ``wait`` block until every child has been reaped and handlers are restored."""
         with self._lock:
             self._shutdown = True
+            if self._thread is None and self._zygote_pid is not None:
+                # Never used, but its zygote runs: let a manager round stop it.
+                self._thread = threading.Thread(target=self._manage, name="ipcfork-pool",
+                                                daemon=True)
+                self._thread.start()
             if cancel_futures:
                 # A retried task's future is running already and cannot be cancelled: it
                 # stays queued and runs again, as it would have.
@@ -314,6 +328,8 @@ class ForkPool(WorkerDispatch, Executor):
             while True:
                 if self._persistent:
                     self._dispatch_to_workers()
+                elif self._zygote:
+                    self._zygote_dispatch()
                 else:
                     self._start_pending()
                 with self._lock:
@@ -348,21 +364,26 @@ class ForkPool(WorkerDispatch, Executor):
             worker = self._worker_by_fd.get(fd)
             if worker is not None:
                 self._on_notices(worker)
+            elif fd == self._zygote_events:
+                self._on_zygote_events()
         for exited in exits:
             if exited.pid in self._workers:
                 self._on_worker_exit(exited)
+            elif exited.pid == self._zygote_pid:
+                self._on_zygote_exit(exited)
             else:
                 self._resolve(exited)
 
     def _finished(self) -> bool:
         """True once shut down with nothing left; stops idle workers on the way."""
         with self._lock:
-            if not self._shutdown or self._pending or self._running:
+            if not self._shutdown or self._pending or self._running or self._zruns:
                 return False
         for worker in self._workers.values():
             if not worker.inflight:
                 worker.stop()  # EOF on its task pipe: it exits
-        return not self._workers
+        zygote_gone = self._zygote_finish()  # EOF on its command pipe: it exits
+        return not self._workers and zygote_gone
 
     def _load_allows_fork(self) -> bool:
         return self.max_load is None or os.getloadavg()[0] <= self.max_load
@@ -402,7 +423,7 @@ class ForkPool(WorkerDispatch, Executor):
         self._watch.add(pid)
         deadline = None if self.timeout is None else started + self.timeout
         with self._lock:
-            self._running[pid] = _Running(work, pid, slot, spill, started, deadline)
+            self._running[pid] = Running(work, pid, slot, spill, started, deadline)
         record.pid = pid
 
     def _warn_about_threads(self) -> None:
@@ -433,17 +454,23 @@ class ForkPool(WorkerDispatch, Executor):
                     waits.append(run.deadline - now)
             if self._pending and self._running and not self._load_allows_fork():
                 waits.append(_LOAD_RECHECK)
+        for run in self._zruns.values():
+            if run.terminated_at is not None:
+                waits.append(run.terminated_at + self.grace - now)
+            elif run.deadline is not None:
+                waits.append(run.deadline - now)
         return max(0.0, min(waits)) if waits else None
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
+        self._zygote_timeouts(now)
         with self._lock:
             overdue = [r for r in self._running.values()
                        if r.deadline is not None and now >= r.deadline]
         for run in overdue:
             if run.terminated_at is None:
                 run.terminated_at = now
-                run.extra["timed_out"] = True
+                run.timed_out = True
                 kill(run.pid, signal.SIGTERM)
             elif now >= run.terminated_at + self.grace:
                 kill(run.pid, signal.SIGKILL)
@@ -468,7 +495,7 @@ class ForkPool(WorkerDispatch, Executor):
         outcome, load_error = self._read_slot(run.slot, run.spill)
         self._free_slots.append(run.slot)
         self._settle(run.work, outcome, load_error, exited=exited,
-                     timed_out=bool(run.extra.get("timed_out")))
+                     timed_out=run.timed_out)
 
     def _read_slot(self, slot: int, spill: str) -> tuple[tuple[int, Any] | None,
                                                          BaseException | None]:
@@ -516,15 +543,20 @@ class ForkPool(WorkerDispatch, Executor):
         first = signal.SIGKILL if self._kill_now else signal.SIGTERM
         for pid in [run.pid for run in running] + list(self._workers):
             kill(pid, first)
+        for run in self._zruns.values():
+            self._zygote_signal(run, first)
+        self._close_zygote_commands()  # the zygote exits once its children are reaped
         deadline = time.monotonic() + self.grace
         while True:
             with self._lock:
-                if not self._running and not self._workers:
+                if not self._running and not self._workers and self._zygote_pid is None:
                     return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._kill_now:
                 with self._lock:
                     pids = list(self._running) + list(self._workers)
+                if self._zygote_pid is not None:
+                    pids.append(self._zygote_pid)  # its children die with it
                 for pid in pids:
                     kill(pid, signal.SIGKILL)
                 remaining = 1.0
