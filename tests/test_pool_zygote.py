@@ -50,7 +50,7 @@ def test_outcomes_through_the_zygote() -> None:
         with pytest.raises(TaskTimeoutError):
             pool.submit(time.sleep, 60).result(timeout=30)
         assert len(pool.submit(bytes, 3_000_000).result(timeout=30)) == 3_000_000
-        with pytest.raises(Exception, match="lambda|pickle"):
+        with pytest.raises(Exception, match=r"lambda|pickle"):
             pool.submit(lambda: 1).result(timeout=30)  # the call is pickled to the zygote
         assert pool.submit(square, 5).result(timeout=30) == 25
 
