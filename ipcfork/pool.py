@@ -106,7 +106,8 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
     handlers (the children's own handlers are removed), so I/O happens in the parent.
     ``tasks_per_child``: 1 forks a fresh child per task (nothing pickled); None keeps
     persistent workers (the call and its arguments are pickled); N recycles a worker after
-    N tasks.
+    N tasks.  ``zygote=True`` forks a small helper now and every task's child from it, so
+    forks stay cheap however large this process grows (calls are then pickled).
 
     Raises InvalidArgumentError for bad arguments (the message names the limit).
     """
