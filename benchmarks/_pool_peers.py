@@ -10,6 +10,8 @@ The task functions live here so that loky's workers (fresh interpreters) can imp
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import multiprocessing
 import struct
 import time
@@ -132,11 +134,11 @@ def loky_executor() -> Iterator[Stream]:
 
 @contextlib.contextmanager
 def mpire_pool() -> Iterator[Stream]:
-    import mpire
     import tqdm
+    from mpire.pool import WorkerPool
 
     tqdm.tqdm.monitor_interval = 0  # no tqdm monitor thread (ForkPool warns about threads)
-    pool = mpire.WorkerPool(n_jobs=WORKERS, start_method="fork", keep_alive=True)
+    pool = WorkerPool(n_jobs=WORKERS, start_method="fork", keep_alive=True)
     try:
         yield lambda fn, items: pool.imap_unordered(fn, items)
     finally:
@@ -151,7 +153,7 @@ def pebble_pool() -> Iterator[Stream]:
     try:
         yield _as_completed(lambda fn, i: pool.schedule(fn, args=(i,)))
     finally:
-        pool.close()
+        pool.close()  # type: ignore[no-untyped-call]
         pool.join()
 
 
@@ -195,9 +197,6 @@ def run_transfer(variant: Transfer, kind: str, count: int, size: int) -> float:
     and has imported numpy) before the clock starts; its shutdown is not timed.  Each result
     is checked, then dropped before the next is taken.
     """
-    import functools
-    import gc
-
     task = make_and_drop if variant.produce_only else make_result
     fn = functools.partial(task, kind=kind, size=size)
     warm = functools.partial(make_result, kind=kind, size=BLOCK, pause=0.05)

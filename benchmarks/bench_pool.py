@@ -3,7 +3,7 @@ library and other process pools.
 
 Run from the repository root::
 
-    python benchmarks/bench_pool.py            # full: ~7 min on 2 quiet cores
+    python benchmarks/bench_pool.py            # full: ~6 min on 2 cores
     python benchmarks/bench_pool.py --quick    # smoke run: ~1 min
 
 Options: ``--reps N`` (repetitions of sections 1, 3, 4), ``--transfer-reps N`` (section 2),
@@ -32,7 +32,8 @@ What is measured
    Target: ForkPool median < 1.3x the blocking waitpid median.
 4. **Fork rate against parent heap size** (0, 256 MiB, 1 GiB: a bytearray touched page by
    page): ForkPool(2) tasks/s and the bare loop's forks/s, with the time the parent spends
-   inside ``os.fork()``.  There is no zygote mode yet, so every fork copies the page tables.
+   inside ``os.fork()`` (page-table copy), plus ``ForkPool(2, zygote=True)`` (children
+   forked from a small helper made with the pool, before the heap grew) where available.
 5. **Parent RSS over many tasks**: ForkPool(2).imap_unordered over 20,000 trivial tasks
    (2,000 with ``--quick``); VmRSS, open descriptors and threads at start, at 10 % and at
    the end.
@@ -41,8 +42,9 @@ Method: every variant is warmed up, then each repetition runs all variants once 
 rotated order (round-robin), so machine noise hits all alike; tables show medians over
 the repetitions and target lines add the range of the per-repetition ratios.  Each section
 prints how many CPUs other processes kept busy meanwhile (noise indicator).
-``ForkPool(tasks_per_child=None)`` (persistent workers) gets extra rows in sections 1 and 2
-when this ipcfork accepts it; otherwise those rows are skipped and the output says so.
+Optional modes get extra rows when this ipcfork accepts them (otherwise the rows are skipped
+and the output says so): ``tasks_per_child=None`` (persistent workers) in sections 1 and 2,
+``zygote=True`` in sections 1 and 4.
 
 Cleanup: the script compares the machine's IPC objects (SysV tables, /dev/shm, /dev/mqueue)
 before and after, stops the resource trackers loky and multiprocessing leave running, and
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import mmap
 import os
@@ -64,7 +67,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any
@@ -75,6 +78,7 @@ import ipcfork
 from ipcfork import testing
 from ipcfork.errors import InvalidArgumentError
 
+Variant = tuple[str, Callable[[], float]]  # (label, one timed run returning its figure)
 perf_counter, monotonic_ns = time.perf_counter, time.monotonic_ns
 MP = peers.MP
 PAGE = mmap.PAGESIZE
@@ -124,7 +128,7 @@ def rotated(items: list[Any], rep: int) -> list[Any]:
     return items[start:] + items[:start]
 
 
-def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def markdown_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     """First column left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
@@ -204,16 +208,33 @@ def ratio_line(what: str, num: list[float], den: list[float], limit: float,
             f"{max(paired):.2f}x), target {sign} {limit}x: {verdict(ok)}")
 
 
-def persistent_available() -> bool:
-    """Does this ipcfork run ``tasks_per_child=None`` (persistent workers)?"""
-    try:
-        with ipcfork.ForkPool(1, tasks_per_child=None) as pool:
-            return bool(pool.submit(abs, -3).result(timeout=60) == 3)
-    except InvalidArgumentError:
-        return False
+@dataclass(frozen=True)
+class Features:
+    """Optional ForkPool modes this ipcfork runs (probed at start); rows for a missing one
+    are skipped and the section says so."""
+
+    persistent: bool  # tasks_per_child=None
+    zygote: bool  # zygote=True
+
+    @staticmethod
+    def probe() -> Features:
+        def works(**options: Any) -> bool:
+            try:
+                with ipcfork.ForkPool(1, **options) as pool:
+                    return bool(pool.submit(abs, -3).result(timeout=60) == 3)
+            except (InvalidArgumentError, TypeError):  # TypeError: no such option yet
+                return False
+
+        return Features(persistent=works(tasks_per_child=None), zygote=works(zygote=True))
+
+    def skipped(self, *options: str) -> str:
+        """A note for each of ``options`` (keyword=value as passed) this ipcfork refused."""
+        ok = {"tasks_per_child=None": self.persistent, "zygote=True": self.zygote}
+        return "".join(f"  ForkPool({option}) is refused by this ipcfork: its row is skipped."
+                       for option in options if not ok[option])
 
 
-def run_reps(variants: list[tuple[str, Callable[[], float]]], reps: int,
+def run_reps(variants: list[Variant], reps: int,
              warmup: bool = True) -> dict[str, list[float]]:
     """Warm every variant up once, then ``reps`` round-robin repetitions; samples by label."""
     if warmup:
@@ -269,30 +290,42 @@ def mp_process_loop(n: int) -> float:
     return n / (perf_counter() - start)
 
 
+def pool_tasks(pool: ipcfork.ForkPool, n: int, imap: bool = False) -> list[int]:
+    """``n`` small tasks through ``pool``; the results, checked."""
+    if imap:
+        results = sorted(pool.imap_unordered(small_task, range(n)))
+    else:
+        results = list(pool.map(small_task, range(n)))
+    if results != [small_task(i) for i in range(n)]:
+        raise RunFailed(f"ForkPool({pool.max_workers}) returned wrong results")
+    return results
+
+
 def forkpool_run(workers: int, n: int, imap: bool = False, **options: Any) -> float:
     """``n`` small tasks through a new ForkPool; tasks per second, pool creation and shutdown
-    included; every result is checked."""
+    included."""
     start = perf_counter()
     with ipcfork.ForkPool(workers, **options) as pool:
-        if imap:
-            results = sorted(pool.imap_unordered(small_task, range(n)))
-        else:
-            results = list(pool.map(small_task, range(n)))
-    elapsed = perf_counter() - start
-    if results != [small_task(i) for i in range(n)]:
-        raise RunFailed(f"ForkPool({workers}) returned wrong results")
-    return n / elapsed
+        pool_tasks(pool, n, imap)
+    return n / (perf_counter() - start)
+
+
+def open_pool_run(pool: ipcfork.ForkPool, n: int) -> float:
+    """``n`` small tasks through an existing pool; tasks per second."""
+    start = perf_counter()
+    pool_tasks(pool, n)
+    return n / (perf_counter() - start)
 
 
 BARE, MP_PROCESS = "bare os.fork/_exit/waitpid loop", "multiprocessing.Process start+join"
 
 
-def section_fork_rate(cfg: Config, persistent: bool) -> None:
+def section_fork_rate(cfg: Config, features: Features) -> None:
     n = cfg.fork_tasks
     print(f"\n## 1. Fork per task, trivial task, {n} tasks per run (tasks/s, higher is "
           "better)\n")
     watch = CpuWatch()
-    variants: list[tuple[str, Callable[[], float]]] = [
+    variants: list[Variant] = [
         (BARE, lambda: bare_loop(n)),
         (MP_PROCESS, lambda: mp_process_loop(n)),
         ("ForkPool(1).map", lambda: forkpool_run(1, n)),
@@ -300,7 +333,10 @@ def section_fork_rate(cfg: Config, persistent: bool) -> None:
         ("ForkPool(1).imap_unordered", lambda: forkpool_run(1, n, imap=True)),
         ("ForkPool(2).imap_unordered", lambda: forkpool_run(2, n, imap=True)),
     ]
-    if persistent:
+    if features.zygote:
+        variants.append(("ForkPool(2, zygote=True).map",
+                         lambda: forkpool_run(2, n, zygote=True)))
+    if features.persistent:
         variants.append(("ForkPool(2, tasks_per_child=None).map (persistent)",
                          lambda: forkpool_run(2, n, tasks_per_child=None)))
     rates = run_reps(variants, cfg.reps)
@@ -313,8 +349,7 @@ def section_fork_rate(cfg: Config, persistent: bool) -> None:
     print(f"\n{cfg.reps} repetitions; ForkPool rows include creating and shutting down the "
           "pool; the bare loop and mp.Process run one child at a time and return nothing; "
           f"other processes kept {watch.background():.2f} CPUs busy meanwhile."
-          + ("" if persistent else "  ForkPool(tasks_per_child=None) raised "
-             "InvalidArgumentError: persistent-worker rows skipped.") + "\n")
+          + features.skipped("zygote=True", "tasks_per_child=None") + "\n")
     for label in ("ForkPool(1).map", "ForkPool(2).map"):
         print(ratio_line(f"{label} / bare loop", rates[label], rates[BARE], 0.8))
         print(ratio_line(f"{label} / mp.Process", rates[label], rates[MP_PROCESS], 1.5))
@@ -323,18 +358,18 @@ def section_fork_rate(cfg: Config, persistent: bool) -> None:
 # -- section 2: large results ------------------------------------------------------------
 
 
-def section_transfer(cfg: Config, persistent: bool) -> None:
+def section_transfer(cfg: Config, features: Features) -> None:
     count, size = cfg.results, cfg.result_size
     print(f"\n## 2. {count} results of {size // MIB} MiB returned to the parent, 2 workers "
           "(MiB/s, higher is better)\n")
     watch = CpuWatch()
-    variants = peers.transfer_variants(persistent)
+    variants = peers.transfer_variants(features.persistent)
     kinds = ("bytes", "numpy")
-    runs: list[tuple[str, Callable[[], float]]] = []
+    runs: list[Variant] = []
     for kind in kinds:
         for v in variants:
             runs.append((f"{kind}|{v.label}",
-                         lambda v=v, kind=kind: peers.run_transfer(v, kind, count, size)))
+                         functools.partial(peers.run_transfer, v, kind, count, size)))
     for kind in kinds:  # warm-up: a quarter of the results, each variant once
         for v in variants:
             flush_std()
@@ -353,13 +388,13 @@ def section_transfer(cfg: Config, persistent: bool) -> None:
     print(f"\n{cfg.transfer_reps} repetitions after a warm-up; the clock runs from the first "
           "submit to the last result checked (pool creation and warm-up excluded); "
           f"other processes kept {watch.background():.2f} CPUs busy meanwhile."
-          + ("" if persistent else "  ForkPool(tasks_per_child=None) raised "
-             "InvalidArgumentError: persistent-worker row skipped.") + "\n")
+          + features.skipped("tasks_per_child=None") + "\n")
     for kind in kinds:
         mine = rates[f"{kind}|{peers.FORKPOOL}"]
         print(ratio_line(f"{kind}: ForkPool / mp.Pool", mine, rates[f"{kind}|{peers.MP_POOL}"],
                          5.0))
-        best = max(peers.PEERS, key=lambda label, kind=kind: med[f"{kind}|{label}"])
+        peer_rates = {label: med[f"{kind}|{label}"] for label in peers.PEERS}
+        best = max(peer_rates, key=peer_rates.__getitem__)
         print(ratio_line(f"{kind}: ForkPool / best of loky, mpire, PPE ({best.split('(')[0]})",
                          mine, rates[f"{kind}|{best}"], 3.0))
 
@@ -418,7 +453,7 @@ def latency_bare(n: int, page: memoryview, pidfd: bool) -> list[float]:
 WAITPID = "bare fork, parent blocks in os.waitpid"
 
 
-def section_latency(cfg: Config, _persistent: bool) -> None:
+def section_latency(cfg: Config, _features: Features) -> None:
     n = cfg.samples
     print(f"\n## 3. Child exit to future resolved ({n} samples per variant and repetition, "
           "microseconds, lower is better)\n")
@@ -427,8 +462,7 @@ def section_latency(cfg: Config, _persistent: bool) -> None:
     page = memoryview(area).cast("Q")
     all_samples: dict[str, list[float]] = {}
 
-    def variant(label: str, measure: Callable[[], list[float]]) -> tuple[str, Callable[[],
-                                                                                   float]]:
+    def variant(label: str, measure: Callable[[], list[float]]) -> Variant:
         all_samples[label] = []
 
         def run() -> float:
@@ -486,39 +520,58 @@ def grow_heap(mib: int) -> bytearray:
     return heap
 
 
-def section_heap(cfg: Config, _persistent: bool) -> None:
+ZYGOTE = "ForkPool(2, zygote=True)"
+
+
+def section_heap(cfg: Config, features: Features) -> None:
     print("\n## 4. Fork per task against the parent's heap size (tasks/s, higher is better)\n")
     watch = CpuWatch()
     rows = []
     for mib in cfg.heaps_mib:
-        heap = grow_heap(mib)
-        rss = vm_rss_kib() / 1024
-        rate = bare_loop(20)  # warm-up; sizes the runs
-        n = max(20, int(rate * cfg.heap_seconds))
-        fork_time: list[float] = []
-        rates = run_reps([
-            (BARE, lambda n=n, fork_time=fork_time: bare_loop(n, fork_time)),
-            ("ForkPool(2)", lambda n=n: forkpool_run(2, n)),
-        ], cfg.reps)
-        del heap
-        bare, pool = statistics.median(rates[BARE]), statistics.median(rates["ForkPool(2)"])
-        paired = [a / b for a, b in zip(rates["ForkPool(2)"], rates[BARE], strict=True)]
-        rows.append((f"{mib:,} MiB (VmRSS {rss:,.0f} MiB)", f"{n}", f"{bare:,.0f}/s",
-                     f"{statistics.median(fork_time) * 1e3:.2f} ms", f"{pool:,.0f}/s",
-                     f"{pool / bare:.2f}x ({min(paired):.2f}..{max(paired):.2f})"))
-    print(markdown_table(("parent heap", "tasks per run", "bare loop", "parent in os.fork()",
-                          "ForkPool(2)", "ForkPool(2) / bare"), rows))
+        with contextlib.ExitStack() as stack:
+            if features.zygote:  # made before the heap grows, as its documentation asks
+                zygote_pool = stack.enter_context(ipcfork.ForkPool(2, zygote=True))
+            heap = grow_heap(mib)
+            stack.callback(heap.clear)
+            rss = vm_rss_kib() / 1024
+            n = max(20, int(bare_loop(20) * cfg.heap_seconds))  # warm-up; sizes the runs
+            fork_time: list[float] = []
+            variants: list[Variant] = [
+                (BARE, functools.partial(bare_loop, n, fork_time)),
+                ("ForkPool(2)", functools.partial(forkpool_run, 2, n))]
+            if features.zygote:
+                variants.append((ZYGOTE, functools.partial(open_pool_run, zygote_pool, n)))
+            rates = run_reps(variants, cfg.reps)
+        bare = statistics.median(rates[BARE])
+        row = [f"{mib:,} MiB (VmRSS {rss:,.0f} MiB)", f"{n}", f"{bare:,.0f}/s",
+               f"{statistics.median(fork_time) * 1e3:.2f} ms"]
+        for label, _ in variants[1:]:
+            paired = [a / b for a, b in zip(rates[label], rates[BARE], strict=True)]
+            rate = statistics.median(rates[label])
+            row += [f"{rate:,.0f}/s",
+                    f"{rate / bare:.2f}x ({min(paired):.2f}..{max(paired):.2f})"]
+        rows.append(tuple(row))
+    header = ["parent heap", "tasks per run", "bare loop", "parent in os.fork()",
+              "ForkPool(2)", "ForkPool(2) / bare"]
+    if features.zygote:
+        header += [ZYGOTE, "zygote / bare"]
+    print(markdown_table(tuple(header), rows))
     print(f"\n{cfg.reps} repetitions per heap size; heap = one bytearray with every page "
           "written; 'parent in os.fork()' is the bare loop's median time inside the call "
-          "(page-table copy).  ForkPool has no zygote mode yet (a small process forking the "
-          f"children), so its rate falls with the heap as the bare loop's does; other "
-          f"processes kept {watch.background():.2f} CPUs busy meanwhile.")
+          "(page-table copy).  ForkPool(2) forks from the parent, so its rate falls with the "
+          "heap as the bare loop's does; "
+          + (f"the {ZYGOTE} pool is made before the heap grows and kept across the "
+             "repetitions (its creation is not timed); every task's child is forked from "
+             "its small helper process; " if features.zygote else
+             "zygote mode (forking from a small helper) is refused by this ipcfork: "
+             "not measured; ")
+          + f"other processes kept {watch.background():.2f} CPUs busy meanwhile.")
 
 
 # -- section 5: parent RSS over many tasks -------------------------------------------------
 
 
-def section_rss(cfg: Config, _persistent: bool) -> None:
+def section_rss(cfg: Config, _features: Features) -> None:
     n = cfg.rss_tasks
     print(f"\n## 5. Parent memory over {n:,} fork-per-task tasks, ForkPool(2).imap_unordered\n")
     gc.collect()
@@ -600,9 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            persistent = persistent_available()
+            features = Features.probe()
             for number in sections:
-                SECTIONS[number](cfg, persistent)
+                SECTIONS[number](cfg, features)
                 flush_std()
             ok = True
         except (RunFailed, peers.BadResult) as exc:

@@ -190,7 +190,7 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         if zygote:
             self._start_zygote()  # now: before this process grows threads or a big heap
         # Children must not outlive an interpreter that forgot to shut the pool down.
-        atexit.register(_shutdown_at_exit, weakref.ref(self))
+        _LIVE_POOLS.add(self)
 
     # -- Executor API -----------------------------------------------------------------
 
@@ -315,6 +315,7 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
             if self._logs is not None:
                 self._logs.close()
                 self._logs = None
+            _LIVE_POOLS.discard(self)
 
     def _watch_close(self) -> None:
         with self._lock:
@@ -594,9 +595,14 @@ class _ClosedWatch:
         pass
 
 
-def _shutdown_at_exit(ref: weakref.ref[ForkPool]) -> None:
-    pool = ref()
-    if pool is not None and IDENTITY.pid == pool._parent:
-        pool.shutdown(wait=True, cancel_futures=True)
+_LIVE_POOLS: weakref.WeakSet[ForkPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    """Children must not outlive an interpreter that forgot to shut a pool down."""
+    for pool in list(_LIVE_POOLS):
+        if IDENTITY.pid == pool._parent:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
