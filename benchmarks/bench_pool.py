@@ -3,7 +3,7 @@ library and other process pools.
 
 Run from the repository root::
 
-    python benchmarks/bench_pool.py            # full: ~6 min on 2 cores
+    python benchmarks/bench_pool.py            # full: ~5.5 min on 2 cores
     python benchmarks/bench_pool.py --quick    # smoke run: ~1 min
 
 Options: ``--reps N`` (repetitions of sections 1, 3, 4), ``--transfer-reps N`` (section 2),

@@ -168,15 +168,22 @@ class WorkerDispatch:
         worker.close()
         if not flights:
             return
-        head, queued = flights[0], flights[1:]
+        head: InFlight | None = flights[0]
+        queued = flights[1:]
+        if worker.timed_out is not None and head is not worker.timed_out:
+            # The task that timed out finished just before the kill landed: the one now at
+            # the head was killed for nothing, so it runs again like the queued ones.
+            head, queued = None, flights
         with self._lock:
             for flight in reversed(queued):  # never started: back to the front, in order
                 discard_outcome(flight.spill)
                 flight.work.future.record.attempts -= 1
                 self._pending.appendleft(flight.work)
+        if head is None:
+            return
         record = head.work.future.record
         record.exitcode, record.signal = exited.exitcode, exited.signal
         record.wall_time = time.monotonic() - (head.started or time.monotonic())
         discard_outcome(head.spill)
         self._settle(head.work, None, None, exited=exited,
-                     timed_out=worker.terminated_at is not None)
+                     timed_out=worker.timed_out is head)

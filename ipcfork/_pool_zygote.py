@@ -55,6 +55,9 @@ class ZygoteDispatch:
     def _child_setup(self) -> None:
         raise NotImplementedError
 
+    def _load_allows_fork(self) -> bool:
+        raise NotImplementedError
+
     def _read_slot(self, slot: int, spill: str) -> tuple[tuple[int, Any] | None,
                                                          BaseException | None]:
         raise NotImplementedError
@@ -88,6 +91,8 @@ class ZygoteDispatch:
                 if (not self._pending or len(self._zruns) >= self.max_workers
                         or self._abort_signal is not None):
                     return
+                if self._zruns and not self._load_allows_fork():
+                    return  # hold back while the machine is overloaded
                 work = self._pending.popleft()
             if not (work.future.running() or work.future.set_running_or_notify_cancel()):
                 work.future.record.outcome = "cancelled"

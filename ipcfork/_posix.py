@@ -21,7 +21,13 @@ from ._names import anonymous_posix_name, posix_name
 from ._security import CREATE_MODE, SEM_T_SIZE, check_owner, check_posix_file, posix_sem_path
 from ._timeouts import Deadline
 from ._translate import translate_exception, translating
-from .errors import InvalidArgumentError, LimitExceededError, ObjectExistsError, ObjectNotFoundError
+from .errors import (
+    InvalidArgumentError,
+    LimitExceededError,
+    ObjectClosedError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+)
 
 __all__ = ["PosixSemaphore", "open_posix_shm", "resolve_posix_name", "unlink_posix_shm"]
 
@@ -95,12 +101,18 @@ class PosixSemaphore:
         """Take one unit: try at once (no system call), then wait if ``blocking``."""
         try:
             self.raw.acquire(0.0)
-            return True
         except posix_ipc.BusyError:
             if not blocking:
                 return False
         except posix_ipc.Error as exc:
             raise translate_exception(exc, self.what, "posix", "acquire") from exc
+        except BaseException:
+            # A signal handler raised (Ctrl-C) just after the unit was taken (sem_trywait
+            # runs no handler itself): give the unit back rather than lose it.
+            self.raw.release()
+            raise
+        else:
+            return True
         return self.acquire_slow(timeout)
 
     def try_acquire(self) -> bool:
@@ -115,6 +127,9 @@ class PosixSemaphore:
 
     def acquire_slow(self, timeout: float | None) -> bool:
         """Block until acquired or ``timeout`` passes; retried across signals."""
+        if not self.handle:
+            raise ObjectClosedError(f"{self.what} is closed in this process", obj=self.what,
+                                    backend="posix")
         deadline = Deadline(timeout)
         while True:
             try:

@@ -98,7 +98,11 @@ def write_pickled(name: str, kind: int, data: bytes, raws: list[memoryview]) -> 
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=CREATE_MODE)
     try:
         fd = shm.fd
-        os.posix_fallocate(fd, 0, size)  # no room must be an error here, not SIGBUS later
+        try:
+            os.posix_fallocate(fd, 0, size)  # no room: an error here, not SIGBUS later
+        except OSError:
+            shm.unlink()  # the caller reports the error as the outcome; leave nothing
+            raise
         with mmap.mmap(fd, size) as area:
             _HEAD.pack_into(area, 0, _MAGIC, 0, kind, len(data), len(raws))
             for i, span in enumerate(spans):
@@ -182,6 +186,8 @@ class OutcomeArena:
         data, raws = pickled(payload)
         base = slot * self.SLOT
         head = self._SLOT_HEAD.size
+        if raws and head + len(data) + sum(r.nbytes for r in raws) <= self.SLOT:
+            data, raws = pickle.dumps(payload, protocol=5), []  # small: in band, in the slot
         if not raws and head + len(data) <= self.SLOT:
             self._buf[base + head:base + head + len(data)] = data
             spilled = 0

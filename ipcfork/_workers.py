@@ -41,7 +41,7 @@ _U32 = struct.Struct("<I")
 class InFlight:
     """A task sent to a worker and not yet resolved."""
 
-    work: Any  # pool._Work
+    work: Any  # a _tasks.Work (kept untyped here to avoid an import cycle)
     slot: int
     spill: str
     started: float | None = None  # when it became the worker's running task
@@ -60,6 +60,7 @@ class Worker:
     inflight: collections.deque[InFlight] = field(default_factory=collections.deque)
     pending_bytes: bytes = b""
     terminated_at: float | None = None
+    timed_out: InFlight | None = None  # the task whose timeout made us terminate the worker
     closed: bool = False
 
     def send(self, message: bytes) -> None:

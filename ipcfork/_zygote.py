@@ -117,7 +117,7 @@ class _Zygote:
         self.poll.register(cmd_r, select.POLLIN)
         self.children: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, slot)
         self.by_slot: dict[int, int] = {}
-        self.buffer = b""
+        self.buffer = bytearray()
         self.me = os.getpid()
 
     def serve(self) -> None:
@@ -135,12 +135,15 @@ class _Zygote:
                     self._ended(fd)
 
     def _commands(self) -> None:
-        buffer = self.buffer
-        while len(buffer) >= 5:
-            kind, (length,) = buffer[:1], _U32.unpack_from(buffer, 1)
-            if len(buffer) < 5 + length:
+        # One pass over the buffer with an offset, then one deletion: linear in its size
+        # even when a large task arrives in many reads.
+        buffer, at = self.buffer, 0
+        while len(buffer) - at >= 5:
+            kind, (length,) = bytes(buffer[at:at + 1]), _U32.unpack_from(buffer, at + 1)
+            if len(buffer) - at < 5 + length:
                 break
-            body, buffer = buffer[5:5 + length], buffer[5 + length:]
+            body = bytes(buffer[at + 5:at + 5 + length])
+            at += 5 + length
             if kind == b"K":
                 slot, signum = struct.unpack("<II", body)
                 pid = self.by_slot.get(slot)
@@ -149,7 +152,7 @@ class _Zygote:
                         os.kill(pid, signum)
             else:
                 self._fork(body)
-        self.buffer = buffer
+        del buffer[:at]
 
     def _fork(self, message: bytes) -> None:
         (slot,) = _U32.unpack_from(message, 0)

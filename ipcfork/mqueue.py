@@ -108,7 +108,10 @@ class MessageQueue:
             self._queue.max_size  # noqa: B018  (fails early if the queue is unusable)
             self._limits = (f"MSGMAX={self.max_message_size} bytes a message, "
                             f"MSGMNB={self._queue.max_size} bytes a queue")
-        self._finalizer = on_creator_exit(self, _drop_anonymous, self)
+        # The finalizer gets the raw queue, never self: a reference to self would keep the
+        # queue alive forever and the finalizer would only run at exit.
+        self._finalizer = on_creator_exit(self, _drop_anonymous, self._queue, self.backend,
+                                          self.raw, self._what)
         if not (self.name is None and self.created):
             self._finalizer.detach()
 
@@ -210,10 +213,7 @@ class MessageQueue:
 
     def _discard(self, data: bytes) -> None:
         """Free the spill a message that was never delivered points to."""
-        if not self.raw and data[:1] == _SPILL:
-            name = data[1:].decode().split("\n")[0]
-            with contextlib.suppress(posix_ipc.Error):
-                posix_ipc.unlink_shared_memory(name)
+        _free_spill(data, self.raw)
 
     # -- put / get ------------------------------------------------------------------------
 
@@ -352,9 +352,7 @@ class MessageQueue:
                                               obj=self._what, backend="posix") from None
 
     def _drain(self) -> None:
-        with contextlib.suppress(Exception):
-            while (data := self._receive(0.0, 0)) is not None:
-                self._discard(data)
+        _drain_raw(self._queue, self.backend, self.raw)
 
     def __enter__(self) -> MessageQueue:
         return self
@@ -366,9 +364,29 @@ class MessageQueue:
         self.close()
 
 
-def _drop_anonymous(queue: MessageQueue) -> None:
+def _free_spill(data: bytes, raw: bool) -> None:
+    if not raw and data[:1] == _SPILL:
+        with contextlib.suppress(posix_ipc.Error):
+            posix_ipc.unlink_shared_memory(data[1:].decode().split("\n")[0])
+
+
+def _drain_raw(queue: Any, backend: str, raw: bool) -> None:
+    """Take every waiting message off ``queue`` without blocking, freeing its spill."""
+    with contextlib.suppress(Exception):
+        while True:
+            try:
+                if backend == "posix":
+                    data, _ = queue.receive(0)
+                else:
+                    data, _ = queue.receive(False)
+            except (posix_ipc.BusyError, sysv_ipc.BusyError):
+                return
+            _free_spill(bytes(data), raw)
+
+
+def _drop_anonymous(queue: Any, backend: str, raw: bool, what: str) -> None:
     """At the creator's end: free undelivered spills; remove an anonymous SysV queue."""
-    queue._drain()
-    if queue.backend == "sysv":
+    _drain_raw(queue, backend, raw)
+    if backend == "sysv":
         with contextlib.suppress(Exception):
-            remove_sysv(queue._queue, "queue", queue._what)
+            remove_sysv(queue, "queue", what)

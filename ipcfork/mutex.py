@@ -236,6 +236,9 @@ class Mutex:
         return held.dead_pid if type(held) is _Recovered else None
 
     def _acquire_contended(self, blocking: bool, timeout: float | None) -> bool:
+        if self._state is None:
+            raise errors.ObjectClosedError(f"{self._what} is closed in this process",
+                                           obj=self._what, backend=self.backend)
         timeout = check_timeout(timeout)
         if not blocking:
             if timeout is not None:
@@ -307,6 +310,13 @@ class Mutex:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
         self._held = _Recovered(_ident.token, token)
         return True
+
+    def _give_back(self) -> None:
+        """Release a semaphore taken by a fast path that then failed (a raising signal
+        handler, or a handle closed meanwhile)."""
+        with contextlib.suppress(Exception):  # the owner word may be unmapped (closed)
+            self._held = self._owner[0] = 0
+        self._raw_release()
 
     def _not_owner(self) -> None:
         if self._held == _ident.token:
@@ -398,9 +408,15 @@ class _PosixMutex(Mutex):
             return self._acquire_contended(blocking, timeout)  # validates, then tries first
         try:
             self._raw_acquire(0.0)
+            self._owner[0] = self._held = _ident.token
         except posix_ipc.Error:
             return self._acquire_contended(blocking, timeout)
-        self._owner[0] = self._held = _ident.token
+        except BaseException:
+            # A signal handler raised (Ctrl-C) right after the semaphore was taken: give it
+            # back, or it would stay held with no owner recorded.  (sem_trywait itself never
+            # runs handlers, so reaching here means we took it.)
+            self._give_back()
+            raise
         return True
 
     acquire.__doc__ = Mutex.acquire.__doc__
@@ -416,13 +432,16 @@ class _SysvMutex(Mutex):
         if blocking and timeout is None:
             try:
                 self._raw_acquire()
-            except sysv_ipc.Error:
+                owner = self._owner
+                if owner[0]:
+                    self._took()  # the previous holder died holding it
+                else:
+                    owner[0] = self._held = _ident.token
+            except sysv_ipc.Error:  # interrupted by a signal, or removed: the slow path sorts
                 return self._acquire_contended(blocking, timeout)
-            owner = self._owner
-            if owner[0]:
-                self._took()  # the previous holder died holding it
-            else:
-                owner[0] = self._held = _ident.token
+            except BaseException:  # a handler raised just after the semop: give it back
+                self._give_back()
+                raise
             return True
         return self._acquire_contended(blocking, timeout)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import functools
 import itertools
 import os
@@ -44,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
+from . import _signals
 from ._child import run_task_in_child
 from ._identity import IDENTITY
 from ._logs import LogChannel
@@ -51,7 +53,6 @@ from ._pool_workers import WorkerDispatch
 from ._pool_zygote import ZygoteDispatch
 from ._progress import with_progress
 from ._reaper import ChildWatch, Exit
-from ._signals import PoolSignals
 from ._tasks import (
     Running,
     TaskFuture,
@@ -186,9 +187,15 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         self._tag = os.urandom(4).hex()
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
-        self._signals = PoolSignals(self) if handle_signals else None
+        self._handles_signals = bool(handle_signals)
+        if self._handles_signals:
+            _signals.register(self)
         if zygote:
-            self._start_zygote()  # now: before this process grows threads or a big heap
+            try:
+                self._start_zygote()  # now: before this process grows threads or a big heap
+            except BaseException:
+                self._release_resources()
+                raise
         # Children must not outlive an interpreter that forgot to shut the pool down.
         _LIVE_POOLS.add(self)
 
@@ -221,7 +228,7 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         """Yield ``fn(item)`` for each item as results arrive, in completion order.
 
         The input is consumed lazily: at most ``in_flight`` tasks exist at a time (default:
-        ``max_workers``, times the per-worker queue depth with persistent workers), so a
+        twice ``max_workers``; with persistent workers, their whole queue depth), so a
         generator of a million items keeps memory bounded.  The first failed task's
         exception is raised from the iterator; tasks not yet started are cancelled when the
         iterator is closed.  ``progress=True`` shows a progress bar (tqdm when installed).
@@ -234,7 +241,11 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
 
     def _imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any],
                         in_flight: int | None) -> Iterator[Any]:
-        limit = in_flight or self.max_workers * (DEPTH if self._persistent else 1)
+        if in_flight is not None and (isinstance(in_flight, bool) or not isinstance(
+                in_flight, int) or in_flight < 1):
+            raise InvalidArgumentError(f"in_flight must be an int >= 1, not {in_flight!r}")
+        # Twice the workers: a replacement task is queued before the caller takes a result.
+        limit = in_flight or self.max_workers * (DEPTH if self._persistent else 2)
         done: queue.SimpleQueue[TaskFuture] = queue.SimpleQueue()
         items = iter(iterable)
         active: set[TaskFuture] = set()
@@ -289,39 +300,60 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         return itertools.chain.from_iterable(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting tasks; with ``cancel_futures`` drop those not started; with
-        ``wait`` block until every child has been reaped and handlers are restored."""
+        """Stop accepting tasks; with ``cancel_futures`` cancel those not started; with
+        ``wait`` block until every child has been reaped, then restore signal handlers.
+
+        Calling it again is harmless.  Done-callbacks of cancelled futures run in the
+        calling thread.
+        """
         with self._lock:
             self._shutdown = True
+            pending = list(self._pending) if cancel_futures else []
+            if cancel_futures:
+                self._pending.clear()
             if self._thread is None and self._zygote_pid is not None:
                 # Never used, but its zygote runs: let a manager round stop it.
                 self._thread = threading.Thread(target=self._manage, name="ipcfork-pool",
                                                 daemon=True)
                 self._thread.start()
-            if cancel_futures:
-                # A retried task's future is running already and cannot be cancelled: it
-                # stays queued and runs again, as it would have.
-                self._pending = collections.deque(
-                    w for w in self._pending if not w.future.cancel())
             thread = self._thread
+        # Cancel outside the lock: done-callbacks are user code and may call back in.
+        keep = [work for work in pending if not work.future.cancel()]
+        if keep:  # retried tasks are running already: they stay queued and run again
+            with self._lock:
+                self._pending.extendleft(reversed(keep))
         self._watch.wake()
-        if self._signals is not None:
-            self._signals.restore()
-        if wait:
-            if thread is not None:
-                thread.join()
-            self._watch_close()
-            self._arena.close()
-            if self._logs is not None:
-                self._logs.close()
-                self._logs = None
-            _LIVE_POOLS.discard(self)
+        if not wait:
+            self._drop_signals()
+            return
+        if thread is not None:
+            thread.join()  # a Ctrl-C here still reaches our handler: children get killed
+        else:
+            self._release_resources()
+        self._drop_signals()
 
-    def _watch_close(self) -> None:
+    def _drop_signals(self) -> None:
+        if self._handles_signals:
+            self._handles_signals = False
+            _signals.unregister(self)
+
+    def _release_resources(self) -> None:
+        """Close the watcher, arena and log channel (by the manager as it exits, or by
+        shutdown when no manager ever ran).  Idempotent."""
         with self._lock:
             watch, self._watch = self._watch, _ClosedWatch()  # type: ignore[assignment]
+            logs, self._logs = self._logs, None
         if isinstance(watch, ChildWatch):
             watch.close()
+        self._arena.close()
+        if logs is not None:
+            logs.close()
+        if self._zygote_pid is not None:  # a zygote whose pool never ran: stop it here
+            self._close_zygote_commands()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._zygote_pid, 0)
+            self._zygote_pid = None
+        _LIVE_POOLS.discard(self)
 
     # -- the manager thread ---------------------------------------------------------------
 
@@ -351,6 +383,10 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         except BaseException as exc:  # pragma: no cover - a bug: fail every future loudly
             self._fail_everything(exc)
             raise
+        finally:
+            if self._logs is not None:
+                self._logs.drain()
+            self._release_resources()
 
     def _child_setup(self) -> None:
         """Runs in every child right after the fork."""
@@ -482,7 +518,8 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
                 if now >= worker.terminated_at + self.grace:
                     kill(worker.pid, signal.SIGKILL)
             elif head is not None and head.deadline is not None and now >= head.deadline:
-                worker.terminated_at = now  # its running task is the one that timed out
+                worker.terminated_at = now
+                worker.timed_out = head  # its running task is the one that timed out
                 kill(worker.pid, signal.SIGTERM)
 
     def _resolve(self, exited: Exit) -> None:
@@ -564,25 +601,50 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
                 remaining = 1.0
             self._handle_events(self._watch.wait(remaining))
             with self._lock:
-                for work in self._pending:  # requeued by a dying worker: drop them too
-                    drop(work)
-                self._pending.clear()
+                requeued, self._pending = list(self._pending), collections.deque()
+            for work in requeued:  # requeued by a dying worker: drop them too
+                drop(work)
 
     def abort(self, signum: int, *, kill_now: bool = False) -> None:
         """Stop at once (called from the signal handler): no new forks, children terminated
-        and reaped before this returns."""
+        and reaped by the manager before this returns.
+
+        The wait is bounded: if the manager cannot finish (it may need a lock the
+        interrupted code holds), every known child is SIGKILLed and we return; the manager
+        reaps them once that code unwinds.
+        """
         self._kill_now = self._kill_now or kill_now
         self._abort_signal = signum
-        self._watch.wake()
+        self._shutdown = True
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        self._watch_close()
+        if thread is None:
+            self._release_resources()  # nothing ran; stop a zygote if there is one
+            return
+        self._watch.wake()
+        if thread is not threading.current_thread():
+            thread.join(self.grace + 5.0)
+            if thread.is_alive():
+                pids = list(self._running) + list(self._workers)
+                if self._zygote_pid is not None:
+                    pids.append(self._zygote_pid)
+                for pid in pids:
+                    kill(pid, signal.SIGKILL)
 
     def _fail_everything(self, exc: BaseException) -> None:
+        """The manager hit a bug: refuse new work, kill the children, fail every future."""
         with self._lock:
+            self._shutdown = True
             works = list(self._pending) + [r.work for r in self._running.values()]
+            works += [r.work for r in self._zruns.values()]
+            works += [f.work for w in self._workers.values() for f in w.inflight]
             self._pending.clear()
+        pids = list(self._running) + list(self._workers)
+        if self._zygote_pid is not None:
+            pids.append(self._zygote_pid)
+        for pid in pids:
+            kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         for work in works:
             if not work.future.done():
                 work.future.set_exception(exc)

@@ -133,3 +133,15 @@ def test_bad_sizes_name_the_limit() -> None:
         MessageQueue(max_message_size=10**9)
     with pytest.raises(ipcfork.InvalidArgumentError, match="SysV"):
         MessageQueue(backend="sysv", max_messages=3)
+
+
+def test_dropped_anonymous_queue_is_collected_and_removed(backend: str) -> None:
+    import gc
+    import weakref
+
+    queue = MessageQueue(backend=backend)
+    queue.put(b"z" * 50_000)  # a spill that must be freed with it
+    ref = weakref.ref(queue)
+    del queue
+    gc.collect()
+    assert ref() is None  # the leak guard then checks the queue and its spill are gone
