@@ -3,7 +3,7 @@
 Used on slow paths only (a ctypes call costs about a microsecond here):
 
 * ``semtimedop``: the sysv_ipc wheel is built without it, so its timed acquire blocks forever.
-* ``sem_clockwait`` on our own mapping of a POSIX semaphore, and ``mq_timedsend`` /
+* ``sem_timedwait`` on our own mapping of a POSIX semaphore, and ``mq_timedsend`` /
   ``mq_timedreceive`` on a queue descriptor: posix_ipc runs Python signal handlers inside
   its blocking calls and then replaces whatever the handler raised (KeyboardInterrupt
   included) with its own SignalError, so Ctrl-C would be lost.  Through ctypes, EINTR comes

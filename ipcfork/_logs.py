@@ -18,7 +18,7 @@ from typing import Any
 
 __all__ = ["LogChannel"]
 
-_MAX_DATAGRAM = 60_000  # longer messages are cut, so one record is always one datagram
+_MAX_DATAGRAM = 60_000  # longer messages and tracebacks are cut to keep datagrams small
 
 
 class _ForwardingHandler(logging.Handler):
@@ -32,7 +32,8 @@ class _ForwardingHandler(logging.Handler):
             data["msg"] = record.getMessage()[:_MAX_DATAGRAM]
             data["args"] = None
             if record.exc_info:
-                data["exc_text"] = logging.Formatter().formatException(record.exc_info)
+                text = logging.Formatter().formatException(record.exc_info)
+                data["exc_text"] = text[-_MAX_DATAGRAM:]
             data["exc_info"] = None
             payload = pickle.dumps({k: v for k, v in data.items() if _plain(v)}, protocol=5)
             self._sock.send(payload)

@@ -1,12 +1,13 @@
 """Handing a task's outcome from a child to its parent through shared memory.
 
-The child pickles the outcome with protocol 5, keeping large buffers (numpy arrays,
-bytearrays, ``PickleBuffer``) out of band, and writes everything into a fresh POSIX shared
-memory object whose name the parent chose before forking.  The parent maps it, unlinks it at
+Small outcomes go into the child's slot of the pool's :class:`OutcomeArena` (below).  A large
+one is *spilled*: the child pickles it with protocol 5, keeping large buffers (numpy arrays,
+bytearrays, a ``bytes`` result) out of band, and writes everything into a fresh POSIX shared
+memory object whose name the parent chose before forking; the slot then holds that name.  The parent maps it, unlinks it at
 once and unpickles straight from the mapping: out-of-band buffers become views of the mapping
 (a numpy result is not copied at all), in-band data is copied once.
 
-Layout (little-endian, offsets in bytes)::
+Spill layout (little-endian, offsets in bytes)::
 
     0   magic  b"IPCFOUT1"
     8   done   u64: the total size, written last; 0 while the child is still writing

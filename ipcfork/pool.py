@@ -5,8 +5,9 @@ Data flow of one task (``tasks_per_child=1``: a fresh child per task)::
     submit(fn, *args) ──> pending deque ──(manager thread: a slot is free)──> fork()
                                                                   │
        child: die-with-parent, reset signals, initializer, fn(*args)
-              └─> write ONE outcome (result, or exception + traceback text) into a fresh
-                  POSIX shm object named by the parent before the fork, mark it complete,
+              └─> write ONE outcome (result, or exception + traceback text) into its slot of
+                  the pool's shared-memory arena (a large one into its own shm object, named
+                  by the parent before the fork), write the slot's done word last,
                   os._exit()  (or die: SIGKILL, SIGSEGV, os._exit, timeout)
                                                                   │
     manager: the child's pidfd polls readable ──> wait4 (status + rusage)
@@ -15,9 +16,10 @@ Data flow of one task (``tasks_per_child=1``: a fresh child per task)::
                  ChildCrashedError(pid, exit code or signal) / TaskTimeoutError
 
 What makes the hand-off race-free: the parent reads the outcome only after ``wait4`` has
-returned for the child.  Process exit orders every store the child made before it, and the
-outcome's ``done`` word, written last, equals its size only if the child finished writing.
-A child that died midway leaves ``done == 0`` (or no object), which reads as a crash.
+returned for the child (persistent workers: after the completion notice the worker writes
+once the slot is complete).  Process exit orders every store the child made before it, and
+the slot's ``done`` word, written last, equals its length only if the child finished
+writing.  A child that died midway leaves ``done == 0``, which reads as a crash.
 
 The manager is one background thread per pool: it forks (so a child's parent-death signal is
 tied to a thread that outlives it), watches pidfds, enforces timeouts and retries.  The

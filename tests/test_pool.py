@@ -284,3 +284,34 @@ def test_bad_options() -> None:
         ForkPool(1, timeout=-1)
     with pytest.raises(ipcfork.InvalidArgumentError, match="retries"):
         ForkPool(1, retries=-1)
+
+
+def test_pools_shut_down_in_any_order_restore_the_original_handlers() -> None:
+    original = signal.getsignal(signal.SIGINT)
+    first, second = ForkPool(1), ForkPool(1)
+    first.shutdown()
+    assert signal.getsignal(signal.SIGINT) != original  # the second pool still needs it
+    second.shutdown()
+    assert signal.getsignal(signal.SIGINT) is original
+
+
+def test_callbacks_run_outside_the_pool_lock() -> None:
+    gate, started = ipcfork.Semaphore(0), ipcfork.Semaphore(0)
+    pool = ForkPool(1)
+    pool.submit(lambda: started.release() or gate.acquire(timeout=60))
+    queued = pool.submit(int, 1)
+    seen: list[str] = []
+
+    def resubmit(future: cf.Future[Any]) -> None:
+        try:
+            pool.submit(int, 2)  # would deadlock if the pool's lock were held here
+        except RuntimeError as exc:
+            seen.append(str(exc))
+
+    queued.add_done_callback(resubmit)
+    assert started.acquire(timeout=60)
+    gate.release()
+    pool.shutdown(cancel_futures=True)
+    assert queued.cancelled() and seen == ["cannot schedule new futures after shutdown"]
+    gate.close()
+    started.close()
