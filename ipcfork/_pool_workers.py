@@ -8,7 +8,6 @@ what a dying worker leaves behind (its running task fails, its queued ones run e
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import threading
 import time
@@ -110,6 +109,7 @@ class WorkerDispatch:
         os.close(task_r)
         os.close(done_w)
         os.set_blocking(done_r, False)
+        os.set_blocking(task_w, False)  # a full pipe must never stall the manager
         worker = Worker(pid, task_w, done_r, slots)
         self._workers[pid] = worker
         self._worker_by_fd[done_r] = worker
@@ -136,8 +136,8 @@ class WorkerDispatch:
             self._start_clock(flight)
         worker.inflight.append(flight)
         worker.sent += 1
-        with contextlib.suppress(BrokenPipeError):  # a dead worker's exit settles it
-            worker.send(message)
+        if worker.send(message):
+            self._watch.add_writer(worker.task_w)  # the rest goes when the pipe drains
 
     def _start_clock(self, flight: InFlight) -> None:
         flight.started = time.monotonic()
@@ -158,9 +158,19 @@ class WorkerDispatch:
                 self._start_clock(worker.inflight[0])
             self._settle(flight.work, outcome, load_error, exited=None, timed_out=False)
 
+    def _flush_worker(self, fd: int) -> None:
+        """The task pipe ``fd`` can take more: write what its worker still has queued."""
+        for worker in self._workers.values():
+            if worker.task_w == fd and not worker.closed:
+                if not worker.flush():
+                    self._watch.remove_writer(fd)
+                return
+        self._watch.remove_writer(fd)
+
     def _on_worker_exit(self, exited: Exit) -> None:
         worker = self._workers.pop(exited.pid)
         self._on_notices(worker)  # what it finished before dying counts
+        self._watch.remove_writer(worker.task_w)
         self._watch.remove_reader(worker.done_r)
         del self._worker_by_fd[worker.done_r]
         flights = list(worker.inflight)

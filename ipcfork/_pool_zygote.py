@@ -23,7 +23,7 @@ from typing import Any
 from ._reaper import ChildWatch, Exit
 from ._tasks import Running, Work
 from ._transfer import OutcomeArena, outcome_name
-from ._workers import encode_task
+from ._workers import encode_task, flush_outbox
 from ._zygote import kill_command, parse_events, run_zygote, task_command
 
 __all__ = ["ZygoteDispatch"]
@@ -50,6 +50,7 @@ class ZygoteDispatch:
     _zygote_cmd: int
     _zygote_events: int
     _zygote_rest: bytes
+    _zygote_outbox: bytearray
     _zruns: dict[int, Running]
 
     def _child_setup(self) -> None:
@@ -80,6 +81,8 @@ class ZygoteDispatch:
         os.close(cmd_r)
         os.close(event_w)
         os.set_blocking(event_r, False)
+        os.set_blocking(cmd_w, False)  # a full pipe must never stall the manager
+        self._zygote_outbox = bytearray()
         self._zygote_pid, self._zygote_cmd, self._zygote_events = pid, cmd_w, event_r
         self._zygote_rest = b""
         self._watch.add(pid)
@@ -120,12 +123,20 @@ class ZygoteDispatch:
         self._zygote_write(message)
 
     def _zygote_write(self, frame: bytes) -> None:
+        """Queue a frame for the zygote; what the pipe cannot take now goes when it drains
+        (a dead zygote's exit settles its tasks)."""
         if self._zygote_cmd < 0:
             return
-        view = memoryview(frame)
-        with contextlib.suppress(BrokenPipeError, OSError):  # a dead zygote's exit settles
-            while view:
-                view = view[os.write(self._zygote_cmd, view):]
+        self._zygote_outbox += frame
+        self._zygote_flush()
+
+    def _zygote_flush(self) -> None:
+        if self._zygote_cmd < 0:
+            return
+        if flush_outbox(self._zygote_cmd, self._zygote_outbox):
+            self._watch.add_writer(self._zygote_cmd)
+        else:
+            self._watch.remove_writer(self._zygote_cmd)
 
     def _zygote_signal(self, run: Running, signum: int) -> None:
         self._zygote_write(kill_command(run.slot, signum))
@@ -182,11 +193,13 @@ class ZygoteDispatch:
     def _zygote_finish(self) -> bool:
         """With nothing left to run: close the command pipe (the zygote then exits);
         True once it has."""
-        if self._zygote_pid is not None and not self._zruns:
+        if self._zygote_pid is not None and not self._zruns and not self._zygote_outbox:
             self._close_zygote_commands()
         return self._zygote_pid is None
 
     def _close_zygote_commands(self) -> None:
         if self._zygote_cmd >= 0:
+            flush_outbox(self._zygote_cmd, self._zygote_outbox)  # best effort, no waiting
+            self._watch.remove_writer(self._zygote_cmd)
             os.close(self._zygote_cmd)
             self._zygote_cmd = -1

@@ -37,17 +37,15 @@ class ChildWatch:
         self._poll = select.poll()
         self._by_fd: dict[int, int] = {}
         self._readers: set[int] = set()
+        self._writers: set[int] = set()
         self.ready: list[int] = []  # reader descriptors found readable by the last wait
+        self.writable: list[int] = []  # writer descriptors found writable by the last wait
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll.register(self._wake_r, select.POLLIN)
 
-    def __len__(self) -> int:
-        return len(self._by_fd)
-
     def add(self, pid: int) -> None:
         """Watch child ``pid`` (it may already have exited)."""
-        fd = os.pidfd_open(pid)
-        os.set_inheritable(fd, False)
+        fd = os.pidfd_open(pid)  # close-on-exec already
         self._by_fd[fd] = pid
         self._poll.register(fd, select.POLLIN)
 
@@ -60,6 +58,17 @@ class ChildWatch:
         self._readers.discard(fd)
         self._poll.unregister(fd)
 
+    def add_writer(self, fd: int) -> None:
+        """Also wake :meth:`wait` when ``fd`` can take more data (or its reader is gone)."""
+        if fd not in self._writers:
+            self._writers.add(fd)
+            self._poll.register(fd, select.POLLOUT)
+
+    def remove_writer(self, fd: int) -> None:
+        if fd in self._writers:
+            self._writers.discard(fd)
+            self._poll.unregister(fd)
+
     def wake(self) -> None:
         """Make a pending or the next :meth:`wait` return (callable from any thread)."""
         with contextlib.suppress(BlockingIOError):
@@ -68,15 +77,16 @@ class ChildWatch:
     def wait(self, timeout: float | None) -> list[Exit]:
         """Wait up to ``timeout`` seconds for exits or a wake-up; reap and return the exits."""
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        try:
-            events = self._poll.poll(ms)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-            events = []
+        events = self._poll.poll(ms)  # PEP 475: retried across signals by Python
         exits = []
         self.ready = []
+        self.writable = []
         for fd, _ in events:
             if fd in self._readers:
                 self.ready.append(fd)
+                continue
+            if fd in self._writers:
+                self.writable.append(fd)
                 continue
             if fd == self._wake_r:
                 with contextlib.suppress(BlockingIOError):

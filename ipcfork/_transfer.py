@@ -3,9 +3,10 @@
 Small outcomes go into the child's slot of the pool's :class:`OutcomeArena` (below).  A large
 one is *spilled*: the child pickles it with protocol 5, keeping large buffers (numpy arrays,
 bytearrays, a ``bytes`` result) out of band, and writes everything into a fresh POSIX shared
-memory object whose name the parent chose before forking; the slot then holds that name.  The parent maps it, unlinks it at
-once and unpickles straight from the mapping: out-of-band buffers become views of the mapping
-(a numpy result is not copied at all), in-band data is copied once.
+memory object whose name the parent chose before forking; the slot then holds that name.
+The parent maps it, unlinks it at once and unpickles straight from the mapping: out-of-band
+buffers become views of the mapping (a numpy result is not copied at all), in-band data is
+copied once.
 
 Spill layout (little-endian, offsets in bytes)::
 

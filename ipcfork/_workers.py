@@ -31,7 +31,7 @@ from typing import Any
 from ._child import EXIT_NO_OUTCOME, EXIT_OK, die_with_parent, exception_payload, reset_signals
 from ._transfer import EXCEPTION, RESULT, OutcomeArena
 
-__all__ = ["DEPTH", "InFlight", "Worker", "encode_task", "run_worker"]
+__all__ = ["DEPTH", "InFlight", "Worker", "encode_task", "flush_outbox", "run_worker"]
 
 DEPTH = 8  # tasks queued per worker: enough to keep it busy between parent rounds
 _U32 = struct.Struct("<I")
@@ -59,16 +59,22 @@ class Worker:
     sent: int = 0
     inflight: collections.deque[InFlight] = field(default_factory=collections.deque)
     pending_bytes: bytes = b""
+    outbox: bytearray = field(default_factory=bytearray)
     terminated_at: float | None = None
     timed_out: InFlight | None = None  # the task whose timeout made us terminate the worker
     closed: bool = False
 
-    def send(self, message: bytes) -> None:
-        """Write one task; raises BrokenPipeError if the worker is gone."""
-        view = memoryview(_U32.pack(len(message)) + message)
-        while view:
-            written = os.write(self.task_w, view)
-            view = view[written:]
+    def send(self, message: bytes) -> bool:
+        """Queue one task and write what the pipe takes now, never blocking; True if some
+        is left for when the pipe is writable again (:meth:`flush`)."""
+        self.outbox += _U32.pack(len(message))
+        self.outbox += message
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write queued bytes without blocking; True if some are left.  A worker that is
+        gone drops them (its exit settles its tasks)."""
+        return flush_outbox(self.task_w, self.outbox)
 
     def read_notices(self) -> list[int]:
         """The slots whose outcomes completed, from what the done pipe holds now."""
@@ -93,6 +99,20 @@ class Worker:
     def close(self) -> None:
         self.stop()
         os.close(self.done_r)
+
+
+def flush_outbox(fd: int, outbox: bytearray) -> bool:
+    """Write as much of ``outbox`` to the non-blocking ``fd`` as it takes now, removing what
+    was written; True if bytes remain.  A closed reader empties it (nobody will read)."""
+    try:
+        while outbox:
+            written = os.write(fd, outbox)
+            del outbox[:written]
+    except BlockingIOError:
+        return True
+    except OSError:  # EPIPE, EBADF: the reader is gone
+        outbox.clear()
+    return False
 
 
 def run_worker(

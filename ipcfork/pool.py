@@ -177,6 +177,7 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         self._zygote_pid = None
         self._zygote_cmd = self._zygote_events = -1
         self._zygote_rest = b""
+        self._zygote_outbox = bytearray()
         self._zruns: dict[int, Running] = {}
         self._thread: threading.Thread | None = None
         self._shutdown = False
@@ -406,6 +407,11 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
                 self._on_notices(worker)
             elif fd == self._zygote_events:
                 self._on_zygote_events()
+        for fd in self._watch.writable:
+            if fd == self._zygote_cmd:
+                self._zygote_flush()
+            else:
+                self._flush_worker(fd)
         for exited in exits:
             if exited.pid in self._workers:
                 self._on_worker_exit(exited)

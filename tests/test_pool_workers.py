@@ -126,3 +126,19 @@ def test_imap_unordered_with_workers() -> None:
 def test_bad_tasks_per_child(bad: object) -> None:
     with pytest.raises(ipcfork.InvalidArgumentError, match="tasks_per_child"):
         ForkPool(1, tasks_per_child=bad)  # type: ignore[arg-type]
+
+
+def sleep_then(value: bytes, seconds: float) -> int:
+    time.sleep(seconds)
+    return len(value)
+
+
+def test_large_queued_arguments_never_stall_timeouts() -> None:
+    """A task with a big argument queued behind a long one must not block the manager:
+    the long one still times out on time."""
+    with ForkPool(1, tasks_per_child=None, timeout=0.5, grace=0.2) as pool:
+        slow = pool.submit(sleep_then, b"", 60)
+        big = pool.submit(sleep_then, b"x" * 4_000_000, 0)  # far more than a pipe holds
+        with pytest.raises(TaskTimeoutError):
+            slow.result(timeout=30)
+        assert big.result(timeout=30) == 4_000_000
