@@ -17,6 +17,7 @@ from typing import Any
 from ._reaper import ChildWatch, Exit
 from ._tasks import Work
 from ._transfer import OutcomeArena, discard_outcome, outcome_name
+from ._translate import translate_exception
 from ._workers import DEPTH, InFlight, Worker, encode_task, run_worker
 
 __all__ = ["WorkerDispatch"]
@@ -90,17 +91,31 @@ class WorkerDispatch:
             return idle[0]
         if len(self._workers) < self.max_workers and (
                 not self._workers or self._load_allows_fork()):
-            return self._fork_worker()
+            try:
+                return self._fork_worker()
+            except OSError as exc:  # out of processes or memory
+                if not self._workers:  # nobody could ever run the queue: fail its head
+                    with self._lock:
+                        work = self._pending.popleft() if self._pending else None
+                    if work is not None and work.future.set_running_or_notify_cancel():
+                        work.future.set_exception(
+                            translate_exception(exc, "ForkPool", "-", "fork"))
+                return None
         return min(open_workers, key=lambda w: len(w.inflight), default=None)
 
     def _fork_worker(self) -> Worker:
         self._warn_about_threads()
         task_r, task_w = os.pipe2(os.O_CLOEXEC)
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
-        slots = [self._free_slots.pop() for _ in range(DEPTH)]
         others = [fd for w in self._workers.values() for fd in (w.task_w, w.done_r)
                   if not w.closed]
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (task_r, task_w, done_r, done_w):
+                os.close(fd)
+            raise
+        slots = [self._free_slots.pop() for _ in range(DEPTH)] if pid else []
         if pid == 0:  # the worker: never returns
             os.close(task_w)
             os.close(done_r)

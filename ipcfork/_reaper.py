@@ -109,8 +109,15 @@ class ChildWatch:
 
 
 def reap(pid: int) -> Exit:
-    """``wait4`` an exited (or exiting) child and decode its status."""
-    _, status, usage = os.wait4(pid, 0)
+    """``wait4`` an exited (or exiting) child and decode its status.
+
+    If someone else reaped it first (``os.wait()`` elsewhere, SIGCHLD set to SIG_IGN), the
+    exit is unknown: exit code and signal are None.
+    """
+    try:
+        _, status, usage = os.wait4(pid, 0)
+    except ChildProcessError:
+        return Exit(pid=pid, exitcode=None, signal=None, maxrss_kib=0, utime=0.0, stime=0.0)
     exitcode = os.waitstatus_to_exitcode(status)
     return Exit(
         pid=pid,

@@ -68,6 +68,7 @@ from ._tasks import (
 )
 from ._timeouts import check_timeout
 from ._transfer import EXCEPTION, OutcomeArena, discard_outcome, outcome_name
+from ._translate import translate_exception
 from ._workers import DEPTH, Worker
 from .errors import (
     ForkSafetyWarning,
@@ -151,11 +152,17 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
             raise InvalidArgumentError(f"retries must be an int >= 0, not {retries!r}")
         if initializer is not None and not callable(initializer):
             raise InvalidArgumentError("initializer must be callable")
+        if handle_signals is None:
+            handle_signals = threading.current_thread() is threading.main_thread()
+        elif handle_signals and threading.current_thread() is not threading.main_thread():
+            raise InvalidArgumentError("handle_signals=True needs the main thread: Python "
+                                       "runs signal handlers there only")
         self.max_workers = max_workers
         self.tasks_per_child = tasks_per_child
         self._persistent = tasks_per_child != 1
         self.timeout = check_timeout(timeout, "timeout")
         self.grace = check_timeout(grace, "grace") or 0.0
+        self._handles_signals = bool(handle_signals)
         self.retries = retries
         self.max_load = max_load
         self._initializer = initializer
@@ -164,15 +171,8 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         self._pending: collections.deque[Work] = collections.deque()
         self._running: dict[int, Running] = {}
         self._lock = threading.Lock()
-        self._watch = ChildWatch()
-        slots = max_workers * (DEPTH if self._persistent else 1)
-        self._arena = OutcomeArena(slots)
-        self._free_slots = list(range(slots))
         self._workers: dict[int, Worker] = {}
         self._worker_by_fd: dict[int, Worker] = {}
-        self._logs = LogChannel() if forward_logs else None
-        if self._logs is not None:
-            self._watch.add_reader(self._logs.fd)
         self._zygote = zygote
         self._zygote_pid = None
         self._zygote_cmd = self._zygote_events = -1
@@ -188,17 +188,23 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         self._new_work = False
         self._parent = IDENTITY.pid
         self._tag = os.urandom(4).hex()
-        if handle_signals is None:
-            handle_signals = threading.current_thread() is threading.main_thread()
-        self._handles_signals = bool(handle_signals)
+        slots = max_workers * (DEPTH if self._persistent else 1)
+        self._free_slots = list(range(slots))
+        # Resources last, each released again if a later step fails.
+        self._watch = ChildWatch()
+        self._logs = None
+        try:
+            self._arena = OutcomeArena(slots)
+            self._logs = LogChannel() if forward_logs else None
+            if self._logs is not None:
+                self._watch.add_reader(self._logs.fd)
+            if zygote:
+                self._start_zygote()  # now: before this process grows threads or a big heap
+        except BaseException:
+            self._release_resources()
+            raise
         if self._handles_signals:
             _signals.register(self)
-        if zygote:
-            try:
-                self._start_zygote()  # now: before this process grows threads or a big heap
-            except BaseException:
-                self._release_resources()
-                raise
         # Children must not outlive an interpreter that forgot to shut the pool down.
         _LIVE_POOLS.add(self)
 
@@ -348,7 +354,8 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
             logs, self._logs = self._logs, None
         if isinstance(watch, ChildWatch):
             watch.close()
-        self._arena.close()
+        if hasattr(self, "_arena"):
+            self._arena.close()
         if logs is not None:
             logs.close()
         if self._zygote_pid is not None:  # a zygote whose pool never ran: stop it here
@@ -462,15 +469,21 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
             arena.write(slot, kind, payload, spill)
 
         started = time.monotonic()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: this task fails, the pool lives
+            self._free_slots.append(slot)
+            record.outcome = "crash"
+            work.future.set_exception(translate_exception(exc, "ForkPool", "-", "fork"))
+            return
         if pid == 0:  # the child: never returns
             run_task_in_child(self._parent, write, work.fn, work.args, work.kwargs,
                               self._initializer, self._initargs, self._child_setup)
-        self._watch.add(pid)
         deadline = None if self.timeout is None else started + self.timeout
         with self._lock:
             self._running[pid] = Running(work, pid, slot, spill, started, deadline)
         record.pid = pid
+        self._watch.add(pid)
 
     def _warn_about_threads(self) -> None:
         others = [t for t in threading.enumerate()
