@@ -12,11 +12,12 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ._transfer import EXCEPTION, RESULT
 
-__all__ = ["EXIT_NO_OUTCOME", "EXIT_OK", "run_task_in_child"]
+__all__ = ["EXIT_NO_OUTCOME", "EXIT_OK", "end_child", "run_call", "run_task_in_child",
+           "start_child"]
 
 EXIT_OK = 0
 EXIT_NO_OUTCOME = 70  # the outcome could not be written (no room, unpicklable and worse)
@@ -51,6 +52,38 @@ def exception_payload(exc: BaseException) -> tuple[BaseException | None, str, st
         return None, repr(exc), text
 
 
+def start_child(parent_pid: int, setup: Callable[[], None] | None) -> None:
+    """First steps of every process a pool forks (task child, worker, zygote)."""
+    die_with_parent(parent_pid)
+    reset_signals()
+    if setup is not None:
+        setup()
+
+
+def end_child(code: int) -> NoReturn:
+    """Flush what Python buffered and ``_exit``: no parent ``finally`` or atexit runs twice."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def run_call(write_outcome: Callable[[int, Any], None], fn: Callable[..., Any],
+             args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Run ``fn(*args, **kwargs)`` and write its one outcome: the result, or the exception
+    it raised, or the error that kept the result from being pickled."""
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as exc:
+        write_outcome(EXCEPTION, exception_payload(exc))
+        return
+    try:
+        write_outcome(RESULT, result)
+    except Exception as exc:  # unpicklable result: report it as the task's error
+        write_outcome(EXCEPTION, exception_payload(exc))
+
+
 def run_task_in_child(
     parent_pid: int,
     write_outcome: Callable[[int, Any], None],
@@ -60,33 +93,22 @@ def run_task_in_child(
     initializer: Callable[..., Any] | None,
     initargs: tuple[Any, ...],
     setup: Callable[[], None] | None = None,
-) -> None:
+) -> NoReturn:
     """Run one task and ``_exit``; never returns."""
     code = EXIT_NO_OUTCOME
     try:
-        die_with_parent(parent_pid)
-        reset_signals()
-        if setup is not None:
-            setup()
+        start_child(parent_pid, setup)
         try:
             if initializer is not None:
                 initializer(*initargs)
-            result = fn(*args, **kwargs)
-        except Exception as exc:
+        except Exception as exc:  # a failing initializer is the task's error
             write_outcome(EXCEPTION, exception_payload(exc))
         else:
-            try:
-                write_outcome(RESULT, result)
-            except Exception as exc:  # unpicklable result: report it as the task's error
-                write_outcome(EXCEPTION, exception_payload(exc))
+            run_call(write_outcome, fn, args, kwargs)
         code = EXIT_OK
     except SystemExit as exc:  # sys.exit() in the task: the exit status is the outcome
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        end_child(code)

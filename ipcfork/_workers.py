@@ -22,16 +22,16 @@ import contextlib
 import os
 import pickle
 import struct
-import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._child import EXIT_NO_OUTCOME, EXIT_OK, die_with_parent, exception_payload, reset_signals
-from ._transfer import EXCEPTION, RESULT, OutcomeArena
+from ._child import EXIT_NO_OUTCOME, EXIT_OK, end_child, run_call, start_child
+from ._transfer import OutcomeArena
 
-__all__ = ["DEPTH", "InFlight", "Worker", "encode_task", "flush_outbox", "run_worker"]
+__all__ = ["DEPTH", "InFlight", "Worker", "call_pickled", "encode_task", "flush_outbox",
+           "run_worker"]
 
 DEPTH = 8  # tasks queued per worker: enough to keep it busy between parent rounds
 _U32 = struct.Struct("<I")
@@ -129,10 +129,7 @@ def run_worker(
     """The worker's loop; ``_exit``s, never returns."""
     code = EXIT_NO_OUTCOME
     try:
-        die_with_parent(parent_pid)
-        reset_signals()
-        if setup is not None:
-            setup()
+        start_child(parent_pid, setup)
         for fd in close_fds:  # other workers' pipe ends: their EOFs must not wait on us
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -151,11 +148,13 @@ def run_worker(
     except BaseException:
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        end_child(code)
+
+
+def call_pickled(call: bytes) -> Any:
+    """Run a pickled ``(fn, args, kwargs)``: unpickling errors become the task's error."""
+    fn, args, kwargs = pickle.loads(call)
+    return fn(*args, **kwargs)
 
 
 def encode_task(slot: int, spill: str, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -174,14 +173,9 @@ def _run_one(message: bytes, arena: OutcomeArena, done_w: int) -> None:
     (slot,) = _U32.unpack_from(message, 0)
     (length,) = _U32.unpack_from(message, 4)
     spill = message[8:8 + length].decode()
-    try:
-        fn, args, kwargs = pickle.loads(message[8 + length:])
-        result = fn(*args, **kwargs)
-    except Exception as exc:
-        arena.write(slot, EXCEPTION, exception_payload(exc), spill)
-    else:
-        try:
-            arena.write(slot, RESULT, result, spill)
-        except Exception as exc:  # unpicklable result
-            arena.write(slot, EXCEPTION, exception_payload(exc), spill)
+
+    def write(kind: int, payload: Any) -> None:
+        arena.write(slot, kind, payload, spill)
+
+    run_call(write, call_pickled, (message[8 + length:],), {})
     os.write(done_w, _U32.pack(slot))

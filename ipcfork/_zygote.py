@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import select
 import struct
-import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._child import EXIT_NO_OUTCOME, EXIT_OK, die_with_parent, reset_signals, run_task_in_child
+from ._child import EXIT_NO_OUTCOME, EXIT_OK, end_child, run_task_in_child, start_child
 from ._reaper import Exit, reap
 from ._transfer import OutcomeArena
+from ._workers import call_pickled
 
 __all__ = ["EVENT", "ZygoteEvent", "kill_command", "parse_events", "run_zygote",
            "task_command"]
@@ -77,12 +76,6 @@ def kill_command(slot: int, signum: int) -> bytes:
     return b"K" + _U32.pack(8) + struct.pack("<II", slot, signum)
 
 
-def _call_pickled(call: bytes) -> Any:
-    """Run a pickled call in the task's child (unpickling errors become the task's error)."""
-    fn, args, kwargs = pickle.loads(call)
-    return fn(*args, **kwargs)
-
-
 def run_zygote(
     parent_pid: int,
     cmd_r: int,
@@ -95,16 +88,15 @@ def run_zygote(
     """The zygote's loop; ``_exit``s, never returns."""
     code = EXIT_NO_OUTCOME
     try:
-        die_with_parent(parent_pid)
-        reset_signals()
+        # The zygote's own setup is only die-with-parent and signals; the log setup runs in
+        # each task's child (it needs the socket the parent reads).
+        start_child(parent_pid, None)
         _Zygote(cmd_r, event_w, arena, initializer, initargs, setup).serve()
         code = EXIT_OK
     except BaseException:
         traceback.print_exc()
     finally:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os._exit(code)
+        end_child(code)
 
 
 class _Zygote:
@@ -166,7 +158,7 @@ class _Zygote:
 
         pid = os.fork()
         if pid == 0:
-            run_task_in_child(self.me, write, _call_pickled, (call,), {}, self.initializer,
+            run_task_in_child(self.me, write, call_pickled, (call,), {}, self.initializer,
                               self.initargs, self.setup)
         fd = os.pidfd_open(pid)
         self.children[fd] = (pid, slot)
