@@ -66,21 +66,30 @@ class WorkerDispatch:
                 and (self.tasks_per_child is None or worker.sent < self.tasks_per_child))
 
     def _dispatch_to_workers(self) -> None:
-        while True:
-            with self._lock:
-                if not self._pending or self._abort_signal is not None:
+        touched: dict[int, Worker] = {}
+        try:
+            while True:
+                with self._lock:
+                    if not self._pending or self._abort_signal is not None:
+                        return
+                worker = self._pick_worker()
+                if worker is None:
                     return
-            worker = self._pick_worker()
-            if worker is None:
-                return
-            with self._lock:
-                if not self._pending:
-                    return
-                work = self._pending.popleft()
-            if not (work.future.running() or work.future.set_running_or_notify_cancel()):
-                work.future.record.outcome = "cancelled"
-                continue
-            self._send(worker, work)
+                with self._lock:
+                    if not self._pending:
+                        return
+                    work = self._pending.popleft()
+                if not (work.future.running()
+                        or work.future.set_running_or_notify_cancel()):
+                    work.future.record.outcome = "cancelled"
+                    continue
+                if self._send(worker, work):
+                    touched[worker.pid] = worker
+        finally:
+            # One write per worker per round, however many tasks it was given.
+            for worker in touched.values():
+                if worker.flush():
+                    self._watch.add_writer(worker.task_w)  # the rest when the pipe drains
 
     def _pick_worker(self) -> Worker | None:
         """An idle worker, else a new one while below max_workers (and the load allows),
@@ -132,7 +141,8 @@ class WorkerDispatch:
         self._watch.add_reader(done_r)
         return worker
 
-    def _send(self, worker: Worker, work: Work) -> None:
+    def _send(self, worker: Worker, work: Work) -> bool:
+        """Queue ``work`` on ``worker``; True if queued (the caller flushes the pipe)."""
         record = work.future.record
         record.attempts += 1
         record.pid = worker.pid
@@ -144,15 +154,15 @@ class WorkerDispatch:
             worker.slots.append(slot)
             record.outcome = "exception"
             work.future.set_exception(exc)
-            return
+            return False
         self._arena.prepare(slot)
         flight = InFlight(work, slot, spill)
         if not worker.inflight:
             self._start_clock(flight)
         worker.inflight.append(flight)
         worker.sent += 1
-        if worker.send(message):
-            self._watch.add_writer(worker.task_w)  # the rest goes when the pipe drains
+        worker.queue(message)
+        return True
 
     def _start_clock(self, flight: InFlight) -> None:
         flight.started = time.monotonic()

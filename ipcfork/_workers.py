@@ -64,12 +64,10 @@ class Worker:
     timed_out: InFlight | None = None  # the task whose timeout made us terminate the worker
     closed: bool = False
 
-    def send(self, message: bytes) -> bool:
-        """Queue one task and write what the pipe takes now, never blocking; True if some
-        is left for when the pipe is writable again (:meth:`flush`)."""
+    def queue(self, message: bytes) -> None:
+        """Add one task to the outbox; :meth:`flush` writes it."""
         self.outbox += _U32.pack(len(message))
         self.outbox += message
-        return self.flush()
 
     def flush(self) -> bool:
         """Write queued bytes without blocking; True if some are left.  A worker that is
