@@ -27,7 +27,6 @@ from .errors import UnsafeObjectError
 
 __all__ = ["Record", "clean", "forget", "list_objects", "remember", "runtime_dir"]
 
-_SYSV_KINDS = ("semaphore", "shm", "queue")
 
 
 def runtime_dir() -> str:
@@ -58,6 +57,10 @@ def remember(backend: str, kind: str, ident: str, **facts: Any) -> None:
     """Record that this process created an object (best effort: never fails the caller)."""
     data = {"backend": backend, "kind": kind, "ident": ident, "token": IDENTITY.token}
     data.update(facts, created=time.time())
+    if backend == "sysv":
+        row = _sysv_row(kind, ident)
+        if row is not None:
+            data["ctime"] = row[1]
     with contextlib.suppress(OSError):
         path = _record_path(backend, kind, ident)
         tmp = f"{path}.{IDENTITY.pid}.tmp"
@@ -85,21 +88,32 @@ class Record:
     source: str  # "registry" or "scan"
 
 
-def _sysv_exists(kind: str, ident: str, key: int | None) -> bool:
-    """True if SysV object ``ident`` exists and, when ``key`` is known, still has that key
-    (an id reused by an unrelated object is not ours)."""
-    table = {"semaphore": "/proc/sysvipc/sem", "shm": "/proc/sysvipc/shm",
-             "queue": "/proc/sysvipc/msg"}
+_SYSV_TABLES = {"semaphore": "/proc/sysvipc/sem", "shm": "/proc/sysvipc/shm",
+                "queue": "/proc/sysvipc/msg"}
+
+
+def _sysv_row(kind: str, ident: str) -> tuple[int, int] | None:
+    """``(key, ctime)`` of SysV object ``ident`` from /proc, or None if it is gone."""
     try:
-        with open(table[kind]) as listing:
-            next(listing)
+        with open(_SYSV_TABLES[kind]) as listing:
+            names = next(listing).split()
+            ctime_at = names.index("ctime")
             for line in listing:
                 fields = line.split()
                 if fields[1] == ident:
-                    return key is None or int(fields[0]) == key
+                    return int(fields[0]), int(fields[ctime_at])
     except (OSError, KeyError, StopIteration, IndexError, ValueError):
         pass
-    return False
+    return None
+
+
+def _sysv_exists(kind: str, ident: str, key: int | None, ctime: int | None) -> bool:
+    """True if SysV object ``ident`` exists and still has the key and creation-change time
+    recorded (an id the kernel reused for an unrelated object is not ours)."""
+    row = _sysv_row(kind, ident)
+    if row is None:
+        return False
+    return (key is None or row[0] == key) and (ctime is None or row[1] == ctime)
 
 
 def _posix_exists(kind: str, ident: str) -> bool:
@@ -152,8 +166,9 @@ def list_objects() -> list[Record]:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if backend == "sysv":
-                key = data.get("key")
-                exists = _sysv_exists(kind, ident, None if key is None else int(key))
+                key, ctime = data.get("key"), data.get("ctime")
+                exists = _sysv_exists(kind, ident, None if key is None else int(key),
+                                      None if ctime is None else int(ctime))
             else:
                 exists = _posix_exists(kind, ident)
             records.append(
