@@ -67,12 +67,13 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any
 
 import _pool_peers as peers
+from _common import gc_off, markdown_table, rotated, verdict
 
 import ipcfork
 from ipcfork import testing
@@ -111,34 +112,10 @@ class RunFailed(Exception):
 # -- helpers (the conventions of bench_primitives.py) -------------------------------------
 
 
-@contextlib.contextmanager
-def gc_off() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
-def rotated(items: list[Any], rep: int) -> list[Any]:
-    """``items`` started at position ``rep``: each variant leads one repetition in turn."""
-    start = rep % len(items)
-    return items[start:] + items[:start]
 
 
-def markdown_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
-    """First column left-aligned, the others right-aligned."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        left = cells[0].ljust(widths[0])
-        rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
-        return "| " + " | ".join([left, *rest]) + " |"
-
-    rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]])
-    return "\n".join([line(header), rule + "|", *(line(row) for row in rows)])
 
 
 def version(dist: str) -> str:
@@ -188,8 +165,6 @@ class CpuWatch:
         return max(0.0, other) / wall if wall > 0 else 0.0
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "NOT MET"
 
 
 def flush_std() -> None:

@@ -72,13 +72,14 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import posix_ipc
 import sysv_ipc
+from _common import gc_off, markdown_table, rotated, verdict
 
 import ipcfork
 from ipcfork import testing
@@ -110,34 +111,10 @@ QUIET = 0.25  # CPUs busy with other processes above which a contended run is di
 # -- helpers ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def gc_off() -> Iterator[None]:
-    """Keep the cyclic garbage collector out of a timed region, as timeit does."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
-def rotated(items: list[Any], rep: int) -> list[Any]:
-    """``items`` started at position ``rep``: each variant leads one repetition in turn."""
-    start = rep % len(items)
-    return items[start:] + items[:start]
 
 
-def markdown_table(header: tuple[str, str, str], rows: list[tuple[str, str, str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
-
-    def line(cells: tuple[str, ...]) -> str:
-        left = cells[0].ljust(widths[0])
-        rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
-        return "| " + " | ".join([left, *rest]) + " |"
-
-    rule = "|" + "|".join(["-" * (widths[0] + 2)] + ["-" * (w + 1) + ":" for w in widths[1:]])
-    return "\n".join([line(header), rule + "|", *(line(row) for row in rows)])
 
 
 def environment_line() -> str:
@@ -207,8 +184,6 @@ class CpuWatch:
         return max(0.0, other) / wall if wall > 0 else 0.0
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "NOT MET"
 
 
 # -- section 1: uncontended acquire + release --------------------------------------------

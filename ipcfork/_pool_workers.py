@@ -7,58 +7,24 @@ what a dying worker leaves behind (its running task fails, its queued ones run e
 
 from __future__ import annotations
 
-import collections
 import os
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
-from ._reaper import ChildWatch, Exit
+from ._pool_core import PoolCore
+from ._reaper import Exit
 from ._tasks import Work
-from ._transfer import OutcomeArena, discard_outcome, outcome_name
+from ._transfer import discard_outcome, outcome_name
 from ._translate import translate_exception
 from ._workers import DEPTH, InFlight, Worker, encode_task, run_worker
 
 __all__ = ["WorkerDispatch"]
 
 
-class WorkerDispatch:
-    """The persistent-worker half of ForkPool; the attributes below are ForkPool's."""
+class WorkerDispatch(PoolCore):
+    """The persistent-worker half of ForkPool."""
 
-    max_workers: int
-    tasks_per_child: int | None
-    timeout: float | None
-    _pending: collections.deque[Work]
-    _lock: threading.Lock
-    _abort_signal: int | None
-    _watch: ChildWatch
-    _arena: OutcomeArena
-    _free_slots: list[int]
     _workers: dict[int, Worker]
     _worker_by_fd: dict[int, Worker]
-    _parent: int
-    _tag: str
-    _initializer: Callable[..., Any] | None
-    _initargs: tuple[Any, ...]
-
-    def _load_allows_fork(self) -> bool:
-        raise NotImplementedError
-
-    def _warn_about_threads(self) -> None:
-        raise NotImplementedError
-
-    def _child_setup(self) -> None:
-        raise NotImplementedError
-
-    def _read_slot(self, slot: int, spill: str) -> tuple[tuple[int, Any] | None,
-                                                         BaseException | None]:
-        raise NotImplementedError
-
-    def _settle(self, work: Work, outcome: tuple[int, Any] | None,
-                load_error: BaseException | None, *, exited: Exit | None,
-                timed_out: bool) -> None:
-        raise NotImplementedError
 
     def _has_room(self, worker: Worker) -> bool:
         return (not worker.closed and worker.terminated_at is None

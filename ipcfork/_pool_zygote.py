@@ -11,62 +11,30 @@ the parent for the work that remains.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
-from ._reaper import ChildWatch, Exit
+from ._pool_core import PoolCore
+from ._reaper import Exit
 from ._tasks import Running, Work
-from ._transfer import OutcomeArena, outcome_name
+from ._transfer import outcome_name
 from ._workers import encode_task, flush_outbox
 from ._zygote import kill_command, parse_events, run_zygote, task_command
 
 __all__ = ["ZygoteDispatch"]
 
 
-class ZygoteDispatch:
-    """The zygote half of ForkPool; the attributes below are ForkPool's."""
+class ZygoteDispatch(PoolCore):
+    """The zygote half of ForkPool."""
 
-    max_workers: int
-    timeout: float | None
-    grace: float
-    _pending: collections.deque[Work]
-    _lock: threading.Lock
-    _abort_signal: int | None
-    _shutdown: bool
-    _watch: ChildWatch
-    _arena: OutcomeArena
-    _free_slots: list[int]
-    _parent: int
-    _tag: str
-    _initializer: Callable[..., Any] | None
-    _initargs: tuple[Any, ...]
     _zygote_pid: int | None
     _zygote_cmd: int
     _zygote_events: int
     _zygote_rest: bytes
     _zygote_outbox: bytearray
     _zruns: dict[int, Running]
-
-    def _child_setup(self) -> None:
-        raise NotImplementedError
-
-    def _load_allows_fork(self) -> bool:
-        raise NotImplementedError
-
-    def _read_slot(self, slot: int, spill: str) -> tuple[tuple[int, Any] | None,
-                                                         BaseException | None]:
-        raise NotImplementedError
-
-    def _settle(self, work: Work, outcome: tuple[int, Any] | None,
-                load_error: BaseException | None, *, exited: Exit | None,
-                timed_out: bool) -> None:
-        raise NotImplementedError
 
     def _start_zygote(self) -> None:
         """Fork the zygote now, from the calling thread."""
