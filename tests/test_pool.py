@@ -163,21 +163,25 @@ def test_retries_rerun_failed_tasks() -> None:
     attempts.close()
 
 
-def test_exactly_once_accounting_with_random_crashes() -> None:
+def behave(i: int, how: str) -> int:
+    """A task that returns, raises, exits or dies as told (module level: it pickles)."""
+    if how == "raise":
+        raise KeyError(i)
+    if how == "exit":
+        os._exit(4)
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+@pytest.mark.parametrize(("tasks_per_child", "n"), [(1, 400), (None, 600)],
+                         ids=["fork-per-task", "persistent"])
+def test_exactly_once_accounting_with_random_crashes(tasks_per_child: int | None,
+                                                     n: int) -> None:
     rng = random.Random(1234)
-    plan = [rng.choice(["ok", "ok", "ok", "raise", "exit", "kill"]) for _ in range(400)]
-
-    def task(i: int, how: str) -> int:
-        if how == "raise":
-            raise KeyError(i)
-        if how == "exit":
-            os._exit(4)
-        if how == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return i
-
-    with ForkPool(4) as pool:
-        futures = [pool.submit(task, i, how) for i, how in enumerate(plan)]
+    plan = [rng.choice(["ok"] * 6 + ["raise", "exit", "kill"]) for _ in range(n)]
+    with ForkPool(4, tasks_per_child=tasks_per_child) as pool:
+        futures = [pool.submit(behave, i, how) for i, how in enumerate(plan)]
         _, not_done = cf.wait(futures, timeout=300)
     assert not not_done
     for i, (future, how) in enumerate(zip(futures, plan, strict=True)):

@@ -3,10 +3,8 @@ tasks, crashes and timeouts that cost only the running task, recycling."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
 import pickle
-import random
 import signal
 import time
 
@@ -85,23 +83,6 @@ def test_tasks_per_child_recycles_workers() -> None:
         pids = [pool.submit(pid_of_worker).result(timeout=30) for _ in range(9)]
     assert len(set(pids)) == 3
     assert all(pids.count(pid) == 3 for pid in set(pids))
-
-
-def test_exactly_once_with_random_crashes() -> None:
-    rng = random.Random(99)
-    plan = [rng.choice(["ok"] * 6 + ["raise", "exit", "kill"]) for _ in range(600)]
-    with ForkPool(3, tasks_per_child=None) as pool:
-        futures = [pool.submit(behave, i, how) for i, how in enumerate(plan)]
-        _, not_done = cf.wait(futures, timeout=300)
-    assert not not_done
-    for i, (future, how) in enumerate(zip(futures, plan, strict=True)):
-        if how == "ok":
-            assert future.result() == i
-        elif how == "raise":
-            assert isinstance(future.exception(), KeyError)
-        else:
-            assert isinstance(future.exception(), ChildCrashedError)
-        assert future.record.attempts == 1
 
 
 def test_map_chunks_keep_order_and_raise_in_place() -> None:
