@@ -205,9 +205,8 @@ def open_posix_shm(
             if exclusive:
                 raise
         else:
-            fd = os.dup(shm.fd)
+            fd = os.dup(shm.fd)  # not inheritable, as every descriptor Python makes
             shm.close_fd()
-            os.set_inheritable(fd, False)
             try:
                 os.fchmod(fd, CREATE_MODE)
                 os.posix_fallocate(fd, 0, size)
@@ -223,7 +222,6 @@ def open_posix_shm(
         shm = posix_ipc.SharedMemory(name, 0)
     fd = os.dup(shm.fd)
     shm.close_fd()
-    os.set_inheritable(fd, False)
     st = os.fstat(fd)
     try:
         check_owner(st.st_uid, st.st_mode, what, "posix", allow_foreign=allow_foreign)

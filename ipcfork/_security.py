@@ -13,12 +13,12 @@ import stat
 
 from .errors import ObjectCorruptError, ObjectNotFoundError, UnsafeObjectError
 
-__all__ = ["CREATE_MODE", "check_owner", "check_posix_file", "posix_sem_path"]
+__all__ = ["CREATE_MODE", "SEM_T_SIZE", "check_owner", "check_posix_file", "posix_sem_path"]
 
 CREATE_MODE = 0o600
 _GROUP_OTHER_WRITE = 0o022
 # sizeof(sem_t) with glibc on 64-bit Linux; a shorter file would SIGBUS on first touch.
-_SEM_T_SIZE = 32
+SEM_T_SIZE = 32
 
 
 def check_owner(
@@ -79,5 +79,3 @@ def check_posix_file(path: str, what: str, *, allow_foreign: bool, min_size: int
             limit=f"size >= {min_size}",
         )
 
-
-SEM_T_SIZE = _SEM_T_SIZE

@@ -29,7 +29,6 @@ from .errors import (
     InvalidArgumentError,
     LimitExceededError,
     ObjectExistsError,
-    ObjectNotFoundError,
 )
 
 __all__ = [
@@ -267,7 +266,5 @@ def remove_sysv(raw: Any, kind: str, what: str) -> None:
     try:
         with translating(what, "sysv", "remove"):
             raw.remove()
-    except ObjectNotFoundError:
-        raise
     finally:
         _registry.forget("sysv", kind, ident)

@@ -290,7 +290,7 @@ class MessageQueue:
                 except OSError as exc:
                     raise translate_exception(exc, self._what, "posix", "get") from exc
                 if outcome == WAIT_DONE:
-                    return self._buffer.raw[:size]
+                    return ctypes.string_at(self._buffer, size)  # copies only the message
                 if outcome == WAIT_TIMEOUT:
                     return None
         result: list[bytes] = []

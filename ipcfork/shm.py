@@ -154,9 +154,8 @@ class SharedMemory:
         if self.backend == "posix":
             unlink_posix_shm(self._posix_name, self._what)
         else:
-            raw = self._raw if self._raw is not None else None
-            if raw is not None:
-                remove_sysv(raw, "shm", self._what)
+            if self._raw is not None:
+                remove_sysv(self._raw, "shm", self._what)
 
     def __enter__(self) -> SharedMemory:
         return self
