@@ -31,6 +31,7 @@ from .mqueue import MessageQueue
 from .mutex import Mutex
 from .pool import ForkPool, TaskFuture, TaskRecord
 from .semaphore import Semaphore
+from .shared import SharedArray, SharedValue
 from .shm import SharedMemory
 
 __version__ = "0.1.0"
@@ -57,7 +58,9 @@ __all__ = [
     "QueueFullError",
     "RemoteTraceback",
     "Semaphore",
+    "SharedArray",
     "SharedMemory",
+    "SharedValue",
     "TaskFuture",
     "TaskRecord",
     "TaskTimeoutError",
