@@ -30,6 +30,7 @@ from .errors import (
 from .mqueue import MessageQueue
 from .mutex import Mutex
 from .pool import ForkPool, TaskFuture, TaskRecord
+from .ratelimit import RateLimiter
 from .semaphore import Semaphore
 from .shared import SharedArray, SharedValue
 from .shm import SharedMemory
@@ -56,6 +57,7 @@ __all__ = [
     "ObjectNotFoundError",
     "QueueEmptyError",
     "QueueFullError",
+    "RateLimiter",
     "RemoteTraceback",
     "Semaphore",
     "SharedArray",
