@@ -48,7 +48,7 @@ from ._sysv import IPC_NOWAIT, SEM_UNDO, SysvSemaphore, open_sysv_shm, semop
 from ._timeouts import Deadline, check_timeout
 from .semaphore import _open_sem
 
-__all__ = ["ROBUST_SLICE", "Mutex"]
+__all__ = ["ROBUST_SLICE", "Mutex", "companion_lock"]
 
 ROBUST_SLICE = 0.05  # seconds a posix waiter sleeps before checking for a dead owner
 _STATE_SIZE = mmap.PAGESIZE
@@ -390,6 +390,20 @@ class _Recovered(int):
         self = super().__new__(cls, token)
         self.dead_pid = token_pid(dead_token)
         return self
+
+
+def companion_lock(name: str | os.PathLike[str] | None, *, backend: str, create: bool,
+                   allow_foreign: bool, proj: int | str) -> Mutex:
+    """The lock that guards a named shared object (``name``): a Mutex named ``<name>.lock``
+    for posix, or keyed ``ftok(path, proj + 1)`` for sysv; anonymous for an anonymous one."""
+    lock_name: str | os.PathLike[str] | None = name
+    lock_proj = proj
+    if name is not None and backend == "posix":
+        lock_name = f"{os.fspath(name)}.lock"
+    elif name is not None:
+        lock_proj = (ord(proj) if isinstance(proj, str) else proj) % 255 + 1
+    return Mutex(lock_name, backend=backend, create=create, allow_foreign=allow_foreign,
+                 proj=lock_proj)
 
 
 def _remove_anonymous(sem: PosixSemaphore | SysvSemaphore) -> None:

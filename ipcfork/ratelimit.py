@@ -17,7 +17,7 @@ from types import TracebackType
 
 from ._timeouts import Deadline, check_timeout
 from .errors import InvalidArgumentError
-from .mutex import Mutex
+from .mutex import companion_lock
 from .shm import SharedMemory
 
 __all__ = ["RateLimiter"]
@@ -45,18 +45,12 @@ class RateLimiter:
             raise InvalidArgumentError(f"per must be a number of seconds > 0, not {per!r}",
                                        limit="> 0")
         self.rate, self.per = rate, float(per)
-        lock_name: str | os.PathLike[str] | None = name
-        lock_proj = proj
-        if name is not None and backend == "posix":
-            lock_name = f"{os.fspath(name)}.lock"
-        elif name is not None:
-            lock_proj = (ord(proj) if isinstance(proj, str) else proj) % 255 + 1
         self._shm = SharedMemory(8 * (1 + rate), name, backend=backend, create=create,
                                  allow_foreign=allow_foreign, proj=proj)
         self._head = self._shm.buf[:8].cast("q")  # acquisitions so far
         self._times = self._shm.buf[8:].cast("d")  # the last ``rate`` of them, a ring
-        self.lock = Mutex(lock_name, backend=backend, create=create,
-                          allow_foreign=allow_foreign, proj=lock_proj)
+        self.lock = companion_lock(name, backend=backend, create=create,
+                                   allow_foreign=allow_foreign, proj=proj)
 
     def _try(self) -> float:
         """Take a turn if the window allows: 0.0, else the seconds until it might."""

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from .errors import InvalidArgumentError
-from .mutex import Mutex
+from .mutex import Mutex, companion_lock
 from .shm import SharedMemory
 
 __all__ = ["SharedArray", "SharedValue"]
@@ -50,18 +50,12 @@ class _Shared:
                  proj: int | str) -> None:
         self.typecode = _check_typecode(typecode)
         itemsize = struct.calcsize(typecode)
-        lock_name: str | os.PathLike[str] | None = name
-        lock_proj = proj
-        if name is not None and backend == "posix":
-            lock_name = f"{os.fspath(name)}.lock"
-        elif name is not None:
-            lock_proj = (ord(proj) if isinstance(proj, str) else proj) % 255 + 1
         self._shm = SharedMemory(itemsize * length, name, backend=backend, create=create,
                                  exclusive=exclusive, allow_foreign=allow_foreign, proj=proj)
         try:
             self._items: Any = _typed(self._shm.buf, typecode)
-            self.lock = Mutex(lock_name, backend=backend, create=create,
-                              allow_foreign=allow_foreign, proj=lock_proj)
+            self.lock = companion_lock(name, backend=backend, create=create,
+                                       allow_foreign=allow_foreign, proj=proj)
         except BaseException:
             self._release_views()
             self._shm.close()

@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+from test_pool import behave
 
 import ipcfork
 from ipcfork import ChildCrashedError, ForkPool, TaskTimeoutError
@@ -28,16 +29,6 @@ def kill_self() -> None:
 
 def pid_of_worker() -> int:
     return os.getpid()
-
-
-def behave(i: int, how: str) -> int:
-    if how == "raise":
-        raise KeyError(i)
-    if how == "exit":
-        os._exit(4)
-    if how == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return i
 
 
 def test_results_exceptions_and_reuse() -> None:
