@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["gc_off", "markdown_table", "rotated", "verdict"]
+__all__ = ["CpuWatch", "gc_off", "markdown_table", "rotated", "verdict"]
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -44,3 +48,28 @@ def markdown_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> 
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "NOT MET"
+
+class CpuWatch:
+    """How many CPUs other processes kept busy while a block ran (noise indicator).
+
+    The machine's busy time (/proc/stat, steal included) minus this process's and its
+    reaped children's CPU time, divided by the wall time.  Both are counted in clock ticks
+    (10 ms), so two ticks are forgiven: short blocks read 0 unless clearly disturbed.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        with open("/proc/stat") as stat:
+            f = [int(x) for x in stat.readline().split()[1:9]]
+        busy = (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / _CLK_TCK
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def background(self) -> float:
+        now, busy, mine = self._sample()
+        wall, busy0, mine0 = now - self.start[0], self.start[1], self.start[2]
+        other = (busy - busy0) - (mine - mine0) - 2 / _CLK_TCK
+        return max(0.0, other) / wall if wall > 0 else 0.0

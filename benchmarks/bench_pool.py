@@ -73,7 +73,7 @@ from importlib import metadata
 from typing import Any
 
 import _pool_peers as peers
-from _common import gc_off, markdown_table, rotated, verdict
+from _common import CpuWatch, gc_off, markdown_table, rotated, verdict
 
 import ipcfork
 from ipcfork import testing
@@ -140,29 +140,7 @@ def environment_line() -> str:
     )
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-
-class CpuWatch:
-    """How many CPUs other processes kept busy while a block ran (noise indicator): the
-    machine's busy time minus ours and our reaped children's, over the wall time."""
-
-    def __init__(self) -> None:
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        with open("/proc/stat") as stat:
-            f = [int(x) for x in stat.readline().split()[1:9]]
-        busy = (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / _CLK_TCK
-        t = os.times()
-        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
-
-    def background(self) -> float:
-        now, busy, mine = self._sample()
-        wall = now - self.start[0]
-        other = (busy - self.start[1]) - (mine - self.start[2]) - 2 / _CLK_TCK
-        return max(0.0, other) / wall if wall > 0 else 0.0
 
 
 

@@ -79,7 +79,7 @@ from typing import Any
 
 import posix_ipc
 import sysv_ipc
-from _common import gc_off, markdown_table, rotated, verdict
+from _common import CpuWatch, gc_off, markdown_table, rotated, verdict
 
 import ipcfork
 from ipcfork import testing
@@ -155,33 +155,7 @@ def own_ipc_objects() -> set[str]:
     return found
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-
-class CpuWatch:
-    """How many CPUs other processes kept busy while a block ran (noise indicator).
-
-    The machine's busy time (/proc/stat, steal included) minus this process's and its
-    reaped children's CPU time, divided by the wall time.  Both are counted in clock ticks
-    (10 ms), so two ticks are forgiven: short blocks read 0 unless clearly disturbed.
-    """
-
-    def __init__(self) -> None:
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        with open("/proc/stat") as stat:
-            f = [int(x) for x in stat.readline().split()[1:9]]
-        busy = (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / _CLK_TCK
-        t = os.times()
-        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
-
-    def background(self) -> float:
-        now, busy, mine = self._sample()
-        wall, busy0, mine0 = now - self.start[0], self.start[1], self.start[2]
-        other = (busy - busy0) - (mine - mine0) - 2 / _CLK_TCK
-        return max(0.0, other) / wall if wall > 0 else 0.0
 
 
 

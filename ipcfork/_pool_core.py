@@ -38,6 +38,22 @@ class PoolCore:
     def _load_allows_fork(self) -> bool:
         raise NotImplementedError
 
+    def _next_startable(self, busy: int) -> Work | None:
+        """The next queued task to start while ``busy`` tasks run, or None when the cap,
+        the load guard (which never stops the first) or a stop says wait.  Cancelled
+        futures are skipped; a retried task's future is running already and goes ahead."""
+        while True:
+            with self._lock:
+                if (not self._pending or busy >= self.max_workers
+                        or self._abort_signal is not None):
+                    return None
+                if busy and not self._load_allows_fork():
+                    return None  # forks resume when the load drops or a child ends
+                work = self._pending.popleft()
+            if work.future.running() or work.future.set_running_or_notify_cancel():
+                return work
+            work.future.record.outcome = "cancelled"
+
     def _warn_about_threads(self) -> None:
         raise NotImplementedError
 

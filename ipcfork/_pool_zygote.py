@@ -57,17 +57,7 @@ class ZygoteDispatch(PoolCore):
         self._watch.add_reader(event_r)
 
     def _zygote_dispatch(self) -> None:
-        while True:
-            with self._lock:
-                if (not self._pending or len(self._zruns) >= self.max_workers
-                        or self._abort_signal is not None):
-                    return
-                if self._zruns and not self._load_allows_fork():
-                    return  # hold back while the machine is overloaded
-                work = self._pending.popleft()
-            if not (work.future.running() or work.future.set_running_or_notify_cancel()):
-                work.future.record.outcome = "cancelled"
-                continue
+        while (work := self._next_startable(len(self._zruns))) is not None:
             if self._zygote_pid is None:
                 self._start_zygote()  # the previous one died: fork a new one from here
             self._zygote_send(work)

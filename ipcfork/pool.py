@@ -442,18 +442,7 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         return self.max_load is None or os.getloadavg()[0] <= self.max_load
 
     def _start_pending(self) -> None:
-        while True:
-            with self._lock:
-                if (not self._pending or len(self._running) >= self.max_workers
-                        or self._abort_signal is not None):
-                    return
-                if not self._load_allows_fork() and self._running:
-                    return  # hold back; forks resume when the load drops or a child ends
-                work = self._pending.popleft()
-            # A retried task's future is already running; a new one may have been cancelled.
-            if not (work.future.running() or work.future.set_running_or_notify_cancel()):
-                work.future.record.outcome = "cancelled"
-                continue
+        while (work := self._next_startable(len(self._running))) is not None:
             self._fork(work)
 
     def _fork(self, work: Work) -> None:
