@@ -6,6 +6,7 @@ Primitives (each over ``backend="posix"`` or ``backend="sysv"``, anonymous or na
 """
 
 from .barrier import Barrier
+from .counter import SharedCounter
 from .errors import (
     AccessDeniedError,
     BrokenBarrierError,
@@ -61,6 +62,7 @@ __all__ = [
     "RemoteTraceback",
     "Semaphore",
     "SharedArray",
+    "SharedCounter",
     "SharedMemory",
     "SharedValue",
     "TaskFuture",

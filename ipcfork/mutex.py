@@ -375,9 +375,14 @@ class Mutex:
             if not self._sem.anonymous:
                 with contextlib.suppress(errors.ObjectNotFoundError):
                     unlink_posix_shm(self._sem.name + OWNER_SUFFIX, self._what)
-        elif not self._sem.anonymous and not self._foreign and self._state is not None:
+        elif not self._sem.anonymous and not self._foreign:
             with contextlib.suppress(sysv_ipc.Error):
-                self._state.remove()
+                if self._state is not None:
+                    self._state.remove()
+                else:  # closed already: find the owner word by its key
+                    segment = sysv_ipc.SharedMemory(self._sem.key ^ OWNER_KEY_FLIP)
+                    segment.remove()
+                    segment.detach()  # opening attached it
         self._sem.unlink()
 
 
