@@ -45,6 +45,10 @@ _MAGIC = b"IPCFOUT1"
 _HEAD = struct.Struct("<8sQQQQ")
 _SPAN = struct.Struct("<QQ")
 _ALIGN = 64
+_RAW_FLAG = 1 << 8  # in ``kind``: a bytes/bytearray result carried as its one buffer
+_IOV_MAX = 1024
+_MAX_READ = 0x7FFFF000  # the most Linux moves in one read()
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page now, in one go
 
 
 def _align(n: int) -> int:
@@ -66,10 +70,15 @@ class _Raw:
         self.kind = kind
 
 
+_RAW_BYTES = pickle.dumps(_Raw(bytes), protocol=5)
+_RAW_BYTEARRAY = pickle.dumps(_Raw(bytearray), protocol=5)
+
+
 def pickled(payload: Any) -> tuple[bytes, list[memoryview]]:
     """Pickle ``payload`` keeping large buffers out of band: ``(pickle, buffers)``."""
     if type(payload) in (bytes, bytearray) and len(payload) > OutcomeArena.SLOT:
-        return pickle.dumps(_Raw(type(payload)), protocol=5), [memoryview(payload)]
+        raw = _RAW_BYTES if type(payload) is bytes else _RAW_BYTEARRAY
+        return raw, [memoryview(payload)]
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
     try:
@@ -88,38 +97,69 @@ def write_outcome(name: str, kind: int, payload: Any) -> None:
 
 
 def write_pickled(name: str, kind: int, data: bytes, raws: list[memoryview]) -> None:
-    """Write an already pickled outcome (see :func:`write_outcome`)."""
+    """Write an already pickled outcome (see :func:`write_outcome`).
+
+    With ``pwritev`` rather than through a mapping: the kernel copies straight into the
+    object's pages, without a page fault per 4 KiB page (half the time for 64 MiB).
+    """
     offset = _align(_HEAD.size + _SPAN.size * len(raws))
-    pickle_at = offset
-    offset = _align(offset + len(data))
+    pieces: list[Any] = []
+    head = bytearray(offset)
+    pieces.append(head)
+    pieces.append(data)
+    offset += len(data)
     spans = []
     for raw in raws:
+        pieces.append(bytes(_align(offset) - offset))
+        offset = _align(offset)
         spans.append((offset, raw.nbytes))
-        offset = _align(offset + raw.nbytes)
-    size = offset
+        pieces.append(raw.cast("B"))
+        offset += raw.nbytes
+    size = _align(offset)
+    _HEAD.pack_into(head, 0, _MAGIC, 0, kind | (_RAW_FLAG if _is_raw(data) else 0),
+                    len(data), len(raws))
+    for i, span in enumerate(spans):
+        _SPAN.pack_into(head, _HEAD.size + i * _SPAN.size, *span)
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=CREATE_MODE)
     try:
         fd = shm.fd
         try:
-            os.posix_fallocate(fd, 0, size)  # no room: an error here, not SIGBUS later
+            os.ftruncate(fd, size)
+            _write_all(fd, [piece for piece in pieces if len(piece)], 0)
+            os.pwrite(fd, struct.pack("<Q", size), 8)  # last: the outcome is complete
         except OSError:
-            shm.unlink()  # the caller reports the error as the outcome; leave nothing
+            shm.unlink()  # no room in /dev/shm: the caller reports it; leave nothing
             raise
-        with mmap.mmap(fd, size) as area:
-            _HEAD.pack_into(area, 0, _MAGIC, 0, kind, len(data), len(raws))
-            for i, span in enumerate(spans):
-                _SPAN.pack_into(area, _HEAD.size + i * _SPAN.size, *span)
-            area[pickle_at:pickle_at + len(data)] = data
-            for (at, length), raw in zip(spans, raws, strict=True):
-                area[at:at + length] = raw.cast("B")
-            struct.pack_into("<Q", area, 8, size)  # last: the outcome is complete
     finally:
         shm.close_fd()
+
+
+def _write_all(fd: int, pieces: list[Any], offset: int) -> None:
+    """``pwritev`` until every piece is written (a call may write less, or take at most
+    IOV_MAX pieces)."""
+    views = [memoryview(piece).cast("B") for piece in pieces]
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.pwritev(fd, batch, offset)
+        offset += written
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def _is_raw(data: bytes) -> bool:
+    """Whether ``pickled`` made ``data`` for a bytes/bytearray result (the very object)."""
+    return data is _RAW_BYTES or data is _RAW_BYTEARRAY
 
 
 def read_outcome(name: str) -> tuple[int, Any] | None:
     """In the parent, after the child exited: ``(kind, payload)``, or None when the child
     left no complete outcome.  The shm name is unlinked whatever happens.
+
+    A ``bytes`` or ``bytearray`` result is read with ``pread`` (one copy, no page faults);
+    anything else is unpickled straight from a mapping, so a numpy result is a view of it.
 
     Raises what unpickling raises (the caller reports it as the task's failure).
     """
@@ -132,13 +172,17 @@ def read_outcome(name: str) -> tuple[int, Any] | None:
         size = os.fstat(shm.fd).st_size
         if size < _HEAD.size:
             return None
-        area = mmap.mmap(shm.fd, size)
+        magic, done, kind, plen, nbuf = _HEAD.unpack(os.pread(shm.fd, _HEAD.size, 0))
+        if magic != _MAGIC or done != size:
+            return None
+        if kind & _RAW_FLAG:
+            at, length = _SPAN.unpack(os.pread(shm.fd, _SPAN.size, _HEAD.size))
+            raw = pickle.loads(os.pread(shm.fd, plen, _align(_HEAD.size + _SPAN.size)))
+            payload = _read_exactly(shm.fd, length, at, raw.kind)
+            return None if payload is None else (kind & ~_RAW_FLAG, payload)
+        area = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED | _POPULATE)
     finally:
         shm.close_fd()
-    magic, done, kind, plen, nbuf = _HEAD.unpack_from(area, 0)
-    if magic != _MAGIC or done != size:
-        area.close()
-        return None
     view = memoryview(area)
     pickle_at = _align(_HEAD.size + _SPAN.size * nbuf)
     buffers = []
@@ -146,11 +190,26 @@ def read_outcome(name: str) -> tuple[int, Any] | None:
         at, length = _SPAN.unpack_from(area, _HEAD.size + i * _SPAN.size)
         buffers.append(pickle.PickleBuffer(view[at:at + length]))
     payload = pickle.loads(view[pickle_at:pickle_at + plen], buffers=buffers)
-    if isinstance(payload, _Raw):
-        payload = payload.kind(buffers[0].raw())  # the one copy out of shared memory
     # Views of the mapping inside the payload (numpy arrays) keep it mapped; once they go,
     # the mapping is unmapped with the last reference.
     return kind, payload
+
+
+def _read_exactly(fd: int, length: int, offset: int, kind: type) -> Any:
+    """``length`` bytes at ``offset`` as ``kind`` (bytes or bytearray), copied once; None if
+    the object is shorter."""
+    if kind is bytes and length <= _MAX_READ:
+        data = os.pread(fd, length, offset)  # read straight into the new bytes object
+        return data if len(data) == length else None
+    buffer = bytearray(length)
+    view = memoryview(buffer)
+    done = 0
+    while done < length:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            return None
+        done += got
+    return buffer if kind is bytearray else bytes(buffer)
 
 
 def discard_outcome(name: str) -> None:
