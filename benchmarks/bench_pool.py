@@ -97,12 +97,15 @@ class Config:
     heap_seconds: float  # about this long per run in section 4 (count set by the bare loop)
     heaps_mib: tuple[int, ...]
     rss_tasks: int  # tasks in section 5
+    stream_tasks: int  # tasks per run in section 6
 
 
 FULL = Config(reps=5, transfer_reps=3, fork_tasks=400, results=16, result_size=64 * MIB,
-              samples=200, heap_seconds=1.0, heaps_mib=(0, 256, 1024), rss_tasks=20_000)
+              samples=200, heap_seconds=1.0, heaps_mib=(0, 256, 1024), rss_tasks=20_000,
+              stream_tasks=20_000)
 QUICK = Config(reps=2, transfer_reps=1, fork_tasks=100, results=8, result_size=64 * MIB,
-               samples=50, heap_seconds=0.3, heaps_mib=(0, 256, 1024), rss_tasks=2_000)
+               samples=50, heap_seconds=0.3, heaps_mib=(0, 256, 1024), rss_tasks=2_000,
+               stream_tasks=4_000)
 
 
 class RunFailed(Exception):
@@ -561,6 +564,54 @@ def section_rss(cfg: Config, _features: Features) -> None:
           f"to the end ({per_k:+.1f} KiB per 1,000 tasks).")
 
 
+# -- section 6: persistent workers, many small tasks ----------------------------------------
+
+
+def stream_run(stream: Callable[[Callable[[int], int], range], Any], n: int) -> float:
+    """``n`` small tasks through an open pool's ``stream``; tasks per second, checked."""
+    start = perf_counter()
+    results = sorted(stream(small_task, range(n)))
+    rate = n / (perf_counter() - start)
+    if results != [small_task(i) for i in range(n)]:
+        raise RunFailed("a persistent pool returned wrong results")
+    return rate
+
+
+def section_persistent(cfg: Config, features: Features) -> None:
+    n = cfg.stream_tasks
+    print(f"\n## 6. Persistent workers, {n:,} trivial tasks per run through an open pool of 2 "
+          "(tasks/s, higher is better)\n")
+    if not features.persistent:
+        print(features.skipped("tasks_per_child=None"))
+        return
+    watch = CpuWatch()
+    mp_imap = "multiprocessing.Pool(2).imap_unordered, chunksize=1"
+    mp_map = "multiprocessing.Pool(2).map"
+    with ipcfork.ForkPool(2, tasks_per_child=None) as pool, MP.Pool(2) as mp_pool:
+        variants: list[Variant] = [
+            ("ForkPool(2, tasks_per_child=None).imap_unordered",
+             lambda: stream_run(pool.imap_unordered, n)),
+            (mp_imap, lambda: stream_run(
+                lambda fn, items: mp_pool.imap_unordered(fn, items, chunksize=1), n)),
+            ("ForkPool(2, tasks_per_child=None).map", lambda: stream_run(pool.map, 20 * n)),
+            (mp_map, lambda: stream_run(mp_pool.map, 20 * n)),
+        ]
+        rates = run_reps(variants, cfg.reps)
+    med = {label: statistics.median(r) for label, r in rates.items()}
+    rows = [(label, f"{med[label]:,.0f}/s", f"{min(r):,.0f}..{max(r):,.0f}",
+             f"{med[label] / med[mp_imap]:.2f}x") for label, r in rates.items()]
+    print(markdown_table(("variant", "median tasks/s", "range", "vs mp imap_unordered"),
+                         rows))
+    print(f"\n{cfg.reps} repetitions, pools opened once; map rows run {20 * n:,} tasks; "
+          "other processes kept "
+          f"{watch.background():.2f} CPUs busy meanwhile.\n")
+    print(ratio_line("ForkPool imap_unordered / mp.Pool imap_unordered chunksize=1",
+                     rates["ForkPool(2, tasks_per_child=None).imap_unordered"],
+                     rates[mp_imap], 2.0))
+    print(ratio_line("ForkPool map / mp.Pool map", rates["ForkPool(2, tasks_per_child=None).map"],
+                     rates[mp_map], 1.0))
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -579,7 +630,7 @@ def stop_resource_trackers() -> list[str]:
 
 
 SECTIONS = {1: section_fork_rate, 2: section_transfer, 3: section_latency, 4: section_heap,
-            5: section_rss}
+            5: section_rss, 6: section_persistent}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -587,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run (about a minute)")
     parser.add_argument("--reps", type=int, help="repetitions of sections 1, 3 and 4")
     parser.add_argument("--transfer-reps", type=int, help="repetitions of section 2")
-    parser.add_argument("--only", default="1,2,3,4,5", help="sections to run, e.g. 1,3")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="sections to run, e.g. 1,3")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.reps is not None:
