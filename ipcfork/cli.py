@@ -1,4 +1,5 @@
-"""The ``ipcfork`` command: ``ls`` and ``clean`` for ipcfork objects on this machine."""
+"""The ``ipcfork`` command: ``ls`` and ``clean`` for ipcfork objects on this machine, and
+``race``, the race laboratory (``ipcfork/race/``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from . import _registry
+from .race import command as race_command
 
 __all__ = ["main"]
 
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--all", action="store_true",
                        help="remove objects of live creators too")
     clean.set_defaults(run=_cmd_clean)
+    race_command.add_parser(sub)
     return parser
 
 
