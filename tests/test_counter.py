@@ -238,6 +238,30 @@ def test_lock_holder_killed_half_way_through_a_transition() -> None:
         assert counter.value == 13_005
 
 
+def test_lock_holder_killed_half_way_through_a_thaw() -> None:
+    """The way back to stripes, cut short by SIGKILL after half of the stripes thawed."""
+    with SharedCounter() as counter:
+        counter.add(4)
+        _run_children(lambda: _times(1, counter.add_and_get, 1))  # central; its pin dies
+        pid = fork(lambda: _kill_mid_thaw(counter))
+        assert reap(pid) == -signal.SIGKILL
+        assert counter.value == 5
+        _run_children(lambda: _times(5000, counter.add),
+                      lambda: _times(500, counter.add_and_get, 1))
+        assert counter.add_and_get(0) == 5505 == counter.value
+
+
+def _kill_mid_thaw(counter: SharedCounter) -> None:
+    """What ``_thaw`` does, stopped by SIGKILL half-way through unfreezing."""
+    counter.lock.acquire()
+    counter._mode.value = 0
+    for pin in counter._pins:
+        counter._ops.fetch_or(pin, counter_module._C_BLOCKED, 5)
+    for index in range(counter_module.STRIPES // 2):
+        counter._unfreeze(index)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def test_an_add_that_lands_on_a_frozen_stripe_moves_to_pending() -> None:
     """A process that has not yet seen the switch to central adds to its frozen stripe;
     the add must move to pending and the stripe take it back."""
