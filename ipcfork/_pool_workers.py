@@ -35,9 +35,10 @@ class WorkerDispatch(PoolCore):
         touched: dict[int, Worker] = {}
         try:
             while True:
-                with self._lock:
-                    if not self._pending or self._abort_signal is not None:
-                        return
+                # Unlocked peek: a stale answer is corrected under the lock below, and work
+                # submitted after it sets _new_work, which brings the manager back at once.
+                if not self._pending or self._abort_signal is not None:
+                    return
                 worker = self._pick_worker()
                 if worker is None:
                     return
@@ -60,10 +61,13 @@ class WorkerDispatch(PoolCore):
     def _pick_worker(self) -> Worker | None:
         """An idle worker, else a new one while below max_workers (and the load allows),
         else the least busy worker with room; None when all are full."""
-        open_workers = [w for w in self._workers.values() if self._has_room(w)]
-        idle = [w for w in open_workers if not w.inflight]
-        if idle:
-            return idle[0]
+        least_busy: Worker | None = None
+        for worker in self._workers.values():
+            if self._has_room(worker):
+                if not worker.inflight:
+                    return worker
+                if least_busy is None or len(worker.inflight) < len(least_busy.inflight):
+                    least_busy = worker
         if len(self._workers) < self.max_workers and (
                 not self._workers or self._load_allows_fork()):
             try:
@@ -76,7 +80,7 @@ class WorkerDispatch(PoolCore):
                         work.future.set_exception(
                             translate_exception(exc, "ForkPool", "-", "fork"))
                 return None
-        return min(open_workers, key=lambda w: len(w.inflight), default=None)
+        return least_busy
 
     def _fork_worker(self) -> Worker:
         self._warn_about_threads()

@@ -2,7 +2,7 @@
 
 A worker is forked by the pool's manager thread and then runs task after task:
 
-    parent ──task pipe──> worker:  u32 length + pickle((slot, spill, fn, args, kwargs))
+    parent ──task pipe──> worker:  u32 length, u32 slot, spill name, the call (encode_call)
     worker ──done pipe──> parent:  u32 slot, once the outcome is complete in that slot
 
 Outcomes go through the pool's :class:`~ipcfork._transfer.OutcomeArena` exactly as in
@@ -23,6 +23,7 @@ import os
 import pickle
 import struct
 import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +31,15 @@ from typing import Any
 from ._child import EXIT_NO_OUTCOME, EXIT_OK, end_child, run_call, start_child
 from ._transfer import OutcomeArena
 
-__all__ = ["DEPTH", "InFlight", "Worker", "call_pickled", "encode_task", "flush_outbox",
-           "run_worker"]
+__all__ = ["DEPTH", "InFlight", "Worker", "call_pickled", "encode_call", "encode_task",
+           "flush_outbox", "run_worker"]
 
 DEPTH = 8  # tasks queued per worker: enough to keep it busy between parent rounds
 _U32 = struct.Struct("<I")
+_BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
+_CACHE_SIZE = 128
+_PICKLED: dict[Callable[..., Any], bytes] = {}  # in the parent: function -> its pickle
+_LOADED: dict[bytes, Callable[..., Any]] = {}  # in a worker: pickle -> function
 
 
 @dataclass
@@ -150,20 +155,49 @@ def run_worker(
 
 
 def call_pickled(call: bytes) -> Any:
-    """Run a pickled ``(fn, args, kwargs)``: unpickling errors become the task's error."""
-    fn, args, kwargs = pickle.loads(call)
+    """Run a call encoded by :func:`encode_call`: unpickling errors become the task's
+    error."""
+    (fn_length,) = _U32.unpack_from(call, 0)
+    if not fn_length:
+        fn, args, kwargs = pickle.loads(memoryview(call)[4:])
+        return fn(*args, **kwargs)
+    fn_bytes = call[4:4 + fn_length]
+    fn = _LOADED.get(fn_bytes)
+    if fn is None:
+        if len(_LOADED) >= _CACHE_SIZE:
+            _LOADED.clear()
+        fn = _LOADED[fn_bytes] = pickle.loads(fn_bytes)
+    args, kwargs = pickle.loads(memoryview(call)[4 + fn_length:])
     return fn(*args, **kwargs)
+
+
+def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """``u32 n``, then ``n`` bytes of pickled function and the pickled ``(args, kwargs)``;
+    or ``n = 0`` and the whole call in one pickle.
+
+    A plain function pickles as a reference (its module and name) that is the same every
+    time, so both sides cache it: most tasks of a ``map`` pickle and load only their
+    arguments.  Other callables (bound methods, partials) go in one pickle with the
+    arguments, so objects shared between them stay shared.  Raises what pickling raises.
+    """
+    if type(fn) in _BY_REFERENCE:
+        fn_bytes = _PICKLED.get(fn)
+        if fn_bytes is None:
+            if len(_PICKLED) >= _CACHE_SIZE:
+                _PICKLED.clear()
+            fn_bytes = _PICKLED[fn] = pickle.dumps(fn, protocol=5)
+        return _U32.pack(len(fn_bytes)) + fn_bytes + pickle.dumps((args, kwargs), protocol=5)
+    return _U32.pack(0) + pickle.dumps((fn, args, kwargs), protocol=5)
 
 
 def encode_task(slot: int, spill: str, fn: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> bytes:
-    """The task message after its length: slot, spill name, then the pickled call.
+    """The task message after its length: slot, spill name, then the encoded call.
 
     Raises what pickling raises (a lambda, an open file...): the task then fails at once.
     """
     name = spill.encode()
-    call = pickle.dumps((fn, args, kwargs), protocol=5)
-    return _U32.pack(slot) + _U32.pack(len(name)) + name + call
+    return _U32.pack(slot) + _U32.pack(len(name)) + name + encode_call(fn, args, kwargs)
 
 
 def _run_one(message: bytes, arena: OutcomeArena, done_w: int) -> None:

@@ -406,7 +406,9 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
     def _handle_events(self, exits: list[Exit]) -> None:
         # Log records first, so a task's records reach the handlers before its future
         # resolves; then completion notices (a worker that exited may have posted some).
-        if self._logs is not None:
+        # Only when its socket polled readable: a child queues its records before it
+        # posts a notice or exits, so they are readable in the same round.
+        if self._logs is not None and self._logs.fd in self._watch.ready:
             self._logs.drain()
         for fd in self._watch.ready:
             worker = self._worker_by_fd.get(fd)
@@ -487,6 +489,11 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
                 stacklevel=2)
 
     def _next_wakeup(self) -> float | None:
+        if self.timeout is None:  # no deadline and nothing terminating (only timeouts do)
+            with self._lock:
+                held_back = (self._pending and self._running
+                             and not self._load_allows_fork())
+            return _LOAD_RECHECK if held_back else None
         now = time.monotonic()
         waits = []
         for worker in self._workers.values():
@@ -510,6 +517,8 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         return max(0.0, min(waits)) if waits else None
 
     def _enforce_timeouts(self) -> None:
+        if self.timeout is None:
+            return
         now = time.monotonic()
         self._zygote_timeouts(now)
         with self._lock:
