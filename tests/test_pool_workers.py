@@ -114,3 +114,19 @@ def test_large_queued_arguments_never_stall_timeouts() -> None:
         with pytest.raises(TaskTimeoutError):
             slow.result(timeout=30)
         assert big.result(timeout=30) == 4_000_000
+
+
+class Box:
+    """A callable's owner that is also its argument: the two must stay one object."""
+
+    def same(self, other: object) -> bool:
+        return self is other
+
+
+def test_calls_are_cached_by_function_and_shared_objects_stay_shared() -> None:
+    with ForkPool(2, tasks_per_child=None) as pool:
+        assert list(pool.map(square, range(300), chunksize=1)) == [x * x for x in range(300)]
+        assert list(pool.map(abs, [-1, -2, 3], chunksize=1)) == [1, 2, 3]  # a builtin
+        box = Box()
+        assert pool.submit(box.same, box).result(timeout=30) is True
+        assert pool.submit(pow, 2, 10).result(timeout=30) == 1024
