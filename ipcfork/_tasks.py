@@ -97,15 +97,16 @@ def task_failure(work: Work, exited: Exit | None, outcome: tuple[int, Any] | Non
                              signal=exited.signal)
 
 
-def chunks(items: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
 
 
-def apply_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
-    """Run ``fn`` over a chunk of argument tuples (module level, so it pickles)."""
-    return [fn(*args) for args in chunk]
+def apply_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool = False) -> list[Any]:
+    """Run ``fn`` over a chunk of items, or of argument tuples with ``star`` (module level,
+    so it pickles); ``map`` loops in C."""
+    return list(itertools.starmap(fn, chunk) if star else map(fn, chunk))
 
 
 def drop(work: Work) -> None:

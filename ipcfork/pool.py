@@ -304,8 +304,13 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
             raise InvalidArgumentError(f"chunksize must be an int >= 1, not {chunksize!r}")
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
-        batches = chunks(zip(*iterables, strict=False), chunksize)
-        results = super().map(functools.partial(apply_chunk, fn), batches, timeout=timeout)
+        if len(iterables) == 1:  # items as they are: no 1-tuples to build, pickle, unpack
+            batches = chunks(iterables[0], chunksize)
+            apply = functools.partial(apply_chunk, fn)
+        else:
+            batches = chunks(zip(*iterables, strict=False), chunksize)
+            apply = functools.partial(apply_chunk, fn, star=True)
+        results = super().map(apply, batches, timeout=timeout)
         return itertools.chain.from_iterable(results)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
