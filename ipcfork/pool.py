@@ -237,7 +237,7 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         """Yield ``fn(item)`` for each item as results arrive, in completion order.
 
         The input is consumed lazily: at most ``in_flight`` tasks exist at a time (default:
-        twice ``max_workers``; with persistent workers, their whole queue depth), so a
+        twice ``max_workers``; with persistent workers, twice their whole queue depth), so a
         generator of a million items keeps memory bounded.  The first failed task's
         exception is raised from the iterator; tasks not yet started are cancelled when the
         iterator is closed.  ``progress=True`` shows a progress bar (tqdm when installed).
@@ -253,8 +253,9 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         if in_flight is not None and (isinstance(in_flight, bool) or not isinstance(
                 in_flight, int) or in_flight < 1):
             raise InvalidArgumentError(f"in_flight must be an int >= 1, not {in_flight!r}")
-        # Twice the workers: a replacement task is queued before the caller takes a result.
-        limit = in_flight or self.max_workers * (DEPTH if self._persistent else 2)
+        # Twice the workers (or their queues): a replacement is queued before the caller
+        # takes a result, so the manager finds work waiting whenever a worker has room.
+        limit = in_flight or 2 * self.max_workers * (DEPTH if self._persistent else 1)
         done: queue.SimpleQueue[TaskFuture] = queue.SimpleQueue()
         items = iter(iterable)
         active: set[TaskFuture] = set()
