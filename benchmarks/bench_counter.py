@@ -1,8 +1,8 @@
 """SharedCounter against multiprocessing.Value and an unguarded shared word.
 
-Two forked processes contend, each doing K operations; a pipe releases both at once and
-the parent times from release to the last exit.  Variants run interleaved, in rotated
-order, REPS times; the table gives the median rate (operations per second, both processes
+Two forked processes contend, each pinned to its own CPU and doing K operations; a pipe
+releases both at once and the parent times from release to the last exit.  Variants run
+interleaved, in rotated order, REPS times; the table gives the median rate (operations per second, both processes
 together) and ratios.  Usage: ``python benchmarks/bench_counter.py [--quick]``.
 
 Variants:
@@ -104,11 +104,15 @@ def contend(variant: Variant, k: int, processes: int = 2) -> tuple[float, int]:
         go_r, go_w = os.pipe()
         ready_r, ready_w = os.pipe()
         pids = []
-        for _ in range(processes):
+        cpus = sorted(os.sched_getaffinity(0))
+        for index in range(processes):
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
+                    # One CPU each, for every variant alike: the contention is real and the
+                    # scheduler cannot stack both on one CPU for part of a run.
+                    os.sched_setaffinity(0, {cpus[index % len(cpus)]})
                     os.write(ready_w, b"r")
                     os.read(go_r, 1)
                     with gc_off():
@@ -151,9 +155,11 @@ def main() -> None:
     rows = []
     for name in VARIANTS:
         lost = statistics.median(2 * k - f for f in finals[name])
-        rows.append((name, f"{median[name] / 1e3:,.0f}", f"{median[name] / mp_rate:.2f}x",
-                     f"{median[name] / unguarded_rate:.2f}x", f"{lost:,.0f}"))
-    print(markdown_table(("variant", "k ops/s", "vs mp.Value + lock", "vs unguarded",
+        low, high = min(rates[name]) / 1e3, max(rates[name]) / 1e3
+        rows.append((name, f"{median[name] / 1e3:,.0f}", f"{low:,.0f}..{high:,.0f}",
+                     f"{median[name] / mp_rate:.2f}x", f"{median[name] / unguarded_rate:.2f}x",
+                     f"{lost:,.0f}"))
+    print(markdown_table(("variant", "k ops/s", "range", "vs mp.Value + lock", "vs unguarded",
                           "lost updates (median)"), rows))
     add_ratio = median["SharedCounter.add"] / mp_rate
     aag_ratio = median["SharedCounter.add_and_get"] / median["mp.Value + lock, get"]

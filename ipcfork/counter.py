@@ -66,6 +66,7 @@ _BLOCKED = 1 << 62
 _COUNT_MASK = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_ONE = 1
 _SMALL = 1 << 31  # adds of |n| below this go to a stripe; larger ones straight to pending
 _RETIRE = 1 << 61  # a stripe word past this is left for good: its count can never overflow
 # (word + _RETIRE) & _SLOW_BITS is 0 exactly when the word is even (not FROZEN) and within
@@ -269,6 +270,16 @@ class SharedCounter:
         except AttributeError:
             lane = self._lane()
         word = lane.word
+        if n is _ONE and word is not None and not self._mode.value:
+            # The common case in as few steps as possible.  ``is``: only the int 1 (CPython
+            # keeps one), never True or 1.0.  Only FROZEN needs a look: adding one at a time,
+            # a count would need 2**60 adds to reach the retirement threshold.
+            if self._fetch_add(word, _C_TWO, SEQ_CST) & _FROZEN:
+                self._add_slowly(lane, 1, _FROZEN)
+            return
+        self._add_any(lane, word, n)
+
+    def _add_any(self, lane: _Lane, word: c_void_p | None, n: int) -> None:
         if type(n) is int and -_SMALL < n < _SMALL:
             if word is not None and not self._mode.value:
                 old = self._fetch_add(word, _C_TWO if n == 1 else c_int64(n + n), SEQ_CST)
