@@ -188,7 +188,9 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         self._new_work = False
         self._parent = IDENTITY.pid
         self._tag = os.urandom(4).hex()
-        slots = max_workers * (DEPTH if self._persistent else 1)
+        # Persistent workers queue DEPTH tasks each; a fork-per-task child's slot is read
+        # after its replacement started (see _handle_events), hence two per worker.
+        slots = max_workers * (DEPTH if self._persistent else 2)
         self._free_slots = list(range(slots))
         # Resources last, each released again if a later step fails.
         self._watch = ChildWatch()
@@ -427,13 +429,23 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
                 self._zygote_flush()
             else:
                 self._flush_worker(fd)
+        finished = []
         for exited in exits:
             if exited.pid in self._workers:
                 self._on_worker_exit(exited)
             elif exited.pid == self._zygote_pid:
                 self._on_zygote_exit(exited)
             else:
-                self._resolve(exited)
+                with self._lock:
+                    finished.append((self._running.pop(exited.pid), exited))
+        if finished:
+            # Fork the replacements before reading the outcomes: a large result takes tens
+            # of milliseconds to copy, and the next children can run meanwhile (each has a
+            # spare arena slot for this).
+            if not self._persistent and not self._zygote:
+                self._start_pending()
+            for run, exited in finished:
+                self._resolve(run, exited)
 
     def _finished(self) -> bool:
         """True once shut down with nothing left; stops idle workers on the way."""
@@ -547,10 +559,8 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
                 worker.timed_out = head  # its running task is the one that timed out
                 kill(worker.pid, signal.SIGTERM)
 
-    def _resolve(self, exited: Exit) -> None:
-        """A fork-per-task child exited: settle its task."""
-        with self._lock:
-            run = self._running.pop(exited.pid)
+    def _resolve(self, run: Running, exited: Exit) -> None:
+        """A fork-per-task child exited (and left ``_running``): settle its task."""
         record = run.work.future.record
         record.exitcode, record.signal = exited.exitcode, exited.signal
         record.wall_time = time.monotonic() - run.started
