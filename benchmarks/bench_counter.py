@@ -2,8 +2,9 @@
 
 Two forked processes contend, each pinned to its own CPU and doing K operations; a pipe
 releases both at once and the parent times from release to the last exit.  Variants run
-interleaved, in rotated order, REPS times; the table gives the median rate (operations per second, both processes
-together) and ratios.  Usage: ``python benchmarks/bench_counter.py [--quick]``.
+interleaved, in rotated order, REPS times; the table gives the median rate (operations per
+second, both processes together) and ratios.
+Usage: ``python benchmarks/bench_counter.py [--quick]``.
 
 Variants:
 - ``SharedCounter.add``: lock-free, per-process stripes;

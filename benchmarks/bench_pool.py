@@ -639,12 +639,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions of sections 1, 3 and 4")
     parser.add_argument("--transfer-reps", type=int, help="repetitions of section 2")
     parser.add_argument("--only", default="1,2,3,4,5,6", help="sections to run, e.g. 1,3")
+    parser.add_argument("--rss-tasks", type=int, help="tasks in section 5 (default 20,000)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.reps is not None:
         cfg = replace(cfg, reps=max(1, args.reps))
     if args.transfer_reps is not None:
         cfg = replace(cfg, transfer_reps=max(1, args.transfer_reps))
+    if args.rss_tasks is not None:
+        cfg = replace(cfg, rss_tasks=max(10, args.rss_tasks))
     sections = sorted({int(s) for s in args.only.split(",")} & set(SECTIONS))
 
     print(environment_line())
