@@ -35,24 +35,20 @@ Body = Callable[[int], None]
 Variant = Callable[[ExitStack], tuple[Body, Callable[[], int]]]
 
 
-def counter_add(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
-    counter = stack.enter_context(ipcfork.SharedCounter())
+def counter_method(method: str) -> Variant:
+    """A variant calling ``SharedCounter.<method>()`` K times (bound once, as users do)."""
 
-    def body(k: int) -> None:
-        add = counter.add
-        for _ in range(k):
-            add()
-    return body, lambda: counter.value
+    def variant(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
+        counter = stack.enter_context(ipcfork.SharedCounter())
 
+        def body(k: int) -> None:
+            step = getattr(counter, method)
+            for _ in range(k):
+                step()
+        return body, lambda: counter.value
 
-def counter_add_and_get(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
-    counter = stack.enter_context(ipcfork.SharedCounter())
-
-    def body(k: int) -> None:
-        add_and_get = counter.add_and_get
-        for _ in range(k):
-            add_and_get()
-    return body, lambda: counter.value
+    variant.__name__ = f"SharedCounter.{method}"
+    return variant
 
 
 def mp_value(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
@@ -90,8 +86,8 @@ def unguarded(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
 
 
 VARIANTS: dict[str, Variant] = {
-    "SharedCounter.add": counter_add,
-    "SharedCounter.add_and_get": counter_add_and_get,
+    "SharedCounter.add": counter_method("add"),
+    "SharedCounter.add_and_get": counter_method("add_and_get"),
     "mp.Value + lock": mp_value,
     "mp.Value + lock, get": mp_value_get,
     "unguarded word": unguarded,
