@@ -56,14 +56,27 @@ def atomics() -> Atomics:
     """
     global _ATOMICS
     if _ATOMICS is None:
-        path = ctypes.util.find_library("atomic") or "libatomic.so.1"
+        path = "libatomic.so.1"  # the soname; find_library would spawn ldconfig
         try:
-            _ATOMICS = Atomics(ctypes.PyDLL(path))
+            ctypes.PyDLL(path)
+        except OSError:
+            path = ctypes.util.find_library("atomic") or path
+        try:
+            lib = ctypes.PyDLL(path)
+            loaded = Atomics(lib)
+            is_lock_free = getattr(lib, "__atomic_is_lock_free")
         except (OSError, AttributeError) as exc:
             raise IpcforkError(
                 f"SharedCounter needs GCC's libatomic ({path}): install it (Debian and "
                 f"Ubuntu: apt install libatomic1; Fedora: dnf install libatomic): {exc}"
             ) from exc
+        is_lock_free.restype = ctypes.c_bool
+        if not is_lock_free(ctypes.c_size_t(8), None):
+            # libatomic would fall back to locks private to each process: not atomic
+            # across processes at all.
+            raise IpcforkError("8-byte atomic instructions are not lock-free on this "
+                               "machine: SharedCounter cannot work across processes here")
+        _ATOMICS = loaded
     return _ATOMICS
 
 

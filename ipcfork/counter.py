@@ -73,7 +73,7 @@ _RETIRE = 1 << 61  # a stripe word past this is left for good: its count can nev
 # [-_RETIRE, _RETIRE): one test instead of three on the hot path.
 _SLOW_BITS = -(1 << 62) | _FROZEN
 _THAW_AFTER = 4096  # central adds by one thread before it tries to go back to stripes
-_FREEZE_TRIES = 100_000  # compare-and-swap attempts on a busy stripe before yielding
+_UNFREEZE_TRIES = 100  # attempts to find a frozen stripe without a move in flight
 
 _C_ONE, _C_MINUS_ONE, _C_TWO = c_int64(1), c_int64(-1), c_int64(2)
 _C_BLOCKED, _C_UNBLOCKED = c_int64(_BLOCKED), c_int64(~_BLOCKED)
@@ -122,11 +122,23 @@ class _Closed:
 _LIVE: weakref.WeakSet[SharedCounter] = weakref.WeakSet()
 
 
+def _unpin_all(ops: Any, pinned: list[_Lane], _segment: SharedMemory, pid: int) -> None:
+    """Finalizer: drop the pins of a counter that was never closed (in its own process
+    only: a forked child's copy of the list holds the parent's pins)."""
+    if os.getpid() == pid:
+        for lane in pinned:
+            ops.fetch_add(lane.pin, _C_MINUS_ONE, SEQ_CST)
+        pinned.clear()
+
+
 def _forget_lanes_after_fork() -> None:
     for counter in list(_LIVE):
         if counter._open:
             counter._lanes = threading.local()
             counter._pinned = []  # the parent's pins are the parent's
+            counter._finalizer.detach()
+            counter._finalizer = weakref.finalize(counter, _unpin_all, counter._ops,
+                                                  counter._pinned, counter._shm, os.getpid())
 
 
 os.register_at_fork(after_in_child=_forget_lanes_after_fork)
@@ -190,6 +202,10 @@ class SharedCounter:
             raise
         self._lanes = threading.local()
         self._pinned: list[_Lane] = []
+        # A counter dropped without close(): give back this process's pins, or every later
+        # thaw would give up.  The finalizer holds the segment, so it is still mapped.
+        self._finalizer = weakref.finalize(self, _unpin_all, self._ops, self._pinned,
+                                           self._shm, os.getpid())
         self._open = True
         _LIVE.add(self)
 
@@ -223,6 +239,9 @@ class SharedCounter:
         if index is None:
             index = next((i for i, owner in enumerate(owners)
                           if owner == 0 and self._take(i, 0, me)), None)
+        if index is None:  # a sibling thread may have just claimed one for this process
+            owners = [owner & _U64 for owner in _OWNERS.unpack_from(self._buf, _LINE)]
+            index = owners.index(me) if me in owners else None
         if index is None:
             index = self._adopt_dead_stripe(owners, me)
         if index is None:
@@ -241,8 +260,11 @@ class SharedCounter:
         if not self.lock.acquire(blocking=False):
             return None
         try:
-            for index, owner in enumerate(owners):
-                if owner and not token_alive(owner):
+            for index, seen in enumerate(owners):
+                # Re-read under the lock: only lock holders change a non-zero owner, so this
+                # value stays put, while the snapshot may predate another adoption.
+                owner = self._ops.load(self._owners[index], SEQ_CST) & _U64
+                if owner and owner == seen and not token_alive(owner):
                     self._ops.fetch_and(self._pins[index], _C_BLOCKED, SEQ_CST)  # count 0
                     word = self._word_cells[index].value
                     if word & _FROZEN:  # a transient the dead owner never took back
@@ -280,7 +302,10 @@ class SharedCounter:
         self._add_any(lane, word, n)
 
     def _add_any(self, lane: _Lane, word: c_void_p | None, n: int) -> None:
-        if type(n) is int and -_SMALL < n < _SMALL:
+        # Only positive adds use the stripe: threads of one process share it, and an
+        # in-flight +n and -n on a frozen stripe would cancel out and look like no add in
+        # flight at all to _unfreeze.  Subtractions go to pending, which is always exact.
+        if type(n) is int and 0 < n < _SMALL:
             if word is not None and not self._mode.value:
                 old = self._fetch_add(word, _C_TWO if n == 1 else c_int64(n + n), SEQ_CST)
                 if (old + _RETIRE) & _SLOW_BITS:  # frozen, or this stripe is nearly full
@@ -336,7 +361,9 @@ class SharedCounter:
                 return self._apply(a, b)
             self._ops.fetch_add(lane.pin, _C_MINUS_ONE, SEQ_CST)
         with self.lock:
-            if self._ops.load(self._pins[0], SEQ_CST) & _BLOCKED:
+            # Pins are all blocked or all clear, except after a holder died inside
+            # _unblock: then this thread's own pin may still be blocked.
+            if self._ops.load(lane.pin or self._pins[0], SEQ_CST) & _BLOCKED:
                 self._go_central()
             return self._apply(a, b)
 
@@ -372,6 +399,9 @@ class SharedCounter:
     # -- the two transitions, under the lock ------------------------------------------------
 
     def _go_central(self) -> None:
+        # The hint first: adders then go to pending, and each thread has at most one add
+        # left in flight on its stripe, so the compare-and-swaps below get through.
+        self._mode.value = _CENTRAL
         total = 0
         for index in range(STRIPES):
             total += self._freeze(index)
@@ -382,16 +412,17 @@ class SharedCounter:
         """Freeze one stripe and return its count.  The record is written before the
         compare-and-swap that freezes, so a frozen stripe's record is always exact."""
         cell, record = self._word_cells[index], self._records[index]
-        for attempt in range(_FREEZE_TRIES * 10):
+        attempt = 0
+        while True:
             word = cell.value
             if word & _FROZEN:
-                return record.value
+                return int(record.value)
             record.value = word >> 1
             if self._set_word(index, word, word | _FROZEN):
                 return word >> 1
-            if attempt % _FREEZE_TRIES == _FREEZE_TRIES - 1:
+            attempt += 1
+            if attempt % 100 == 0:  # an adder that had not seen the hint yet: let it finish
                 os.sched_yield()
-        raise AssertionError("unreachable: an owner cannot add forever between two reads")
 
     def _unblock(self) -> None:
         for pin in self._pins:
@@ -428,18 +459,19 @@ class SharedCounter:
         """Unfreeze one stripe once it holds no transient; a transient of a dead owner is
         dropped (that add never finished), one of a live owner is waited out."""
         cell, stable = self._word_cells[index], self._records[index].value * 2
-        for attempt in range(_FREEZE_TRIES):
+        for attempt in range(_UNFREEZE_TRIES):
             word = cell.value
             if not word & _FROZEN:
                 return
             if self._set_word(index, stable | _FROZEN, stable):
                 return
-            if not self._owner_alive(index):
-                self._set_word(index, word, stable)
-            elif attempt % 100 == 99:
+            if attempt == 0 and not self._owner_alive(index):
+                self._set_word(index, word, stable)  # a dead owner's transient: never added
+            elif attempt % 10 == 9:
                 os.sched_yield()
-        # A live owner stopped mid-move (SIGSTOP): the stripe stays frozen, which is a
-        # legal state (its adds go to pending), and a later thaw retries.
+        # A live owner that stopped mid-move (SIGSTOP, or an exception between its two
+        # steps): the stripe stays frozen, a legal state (its adds go to pending), and a
+        # later thaw retries.
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -455,6 +487,7 @@ class SharedCounter:
             return
         for lane in list(self._pinned):  # this process's pins would block every thaw
             self._unpin(lane)
+        self._finalizer.detach()
         self._open = False
         self._lanes = _Closed(self._what)
         _LIVE.discard(self)

@@ -183,9 +183,9 @@ def test_more_processes_over_its_life_than_stripes() -> None:
 def test_sigkill_mid_operation_leaves_the_counter_exact_and_usable(operation: str,
                                                                   pipe: Pipe) -> None:
     """A process is SIGKILLed while it hammers the counter with adds of 1; others add
-    multiples of 2**20.  The low 20 bits then count the victim's finished adds, the high
+    multiples of 2**32.  The low 32 bits then count the victim's finished adds, the high
     bits must be exactly the survivors' total: nothing torn, nothing lost."""
-    unit = 2**20
+    unit = 2**32
     started = pipe
     with SharedCounter() as counter:
 
@@ -242,13 +242,15 @@ def test_lock_holder_killed_half_way_through_a_thaw() -> None:
     """The way back to stripes, cut short by SIGKILL after half of the stripes thawed."""
     with SharedCounter() as counter:
         counter.add(4)
-        _run_children(lambda: _times(1, counter.add_and_get, 1))  # central; its pin dies
+        # central (the first call, through the lock), then pinned (the second); the pin
+        # dies with the child
+        _run_children(lambda: _times(2, counter.add_and_get, 1))
         pid = fork(lambda: _kill_mid_thaw(counter))
         assert reap(pid) == -signal.SIGKILL
-        assert counter.value == 5
+        assert counter.value == 6
         _run_children(lambda: _times(5000, counter.add),
                       lambda: _times(500, counter.add_and_get, 1))
-        assert counter.add_and_get(0) == 5505 == counter.value
+        assert counter.add_and_get(0) == 5506 == counter.value
 
 
 def _kill_mid_thaw(counter: SharedCounter) -> None:
@@ -272,8 +274,9 @@ def test_an_add_that_lands_on_a_frozen_stripe_moves_to_pending() -> None:
         counter.add(5)
         assert counter.value == 12 and counter.add_and_get(0) == 12
         lane = counter._lane()
-        index = counter._words.index(lane.word) if lane.word in counter._words else None
-        assert index is None or counter._word_cells[index].value == 7 * 2 + 1
+        assert lane.word is not None
+        index = [word.value for word in counter._words].index(lane.word.value)
+        assert counter._word_cells[index].value == 7 * 2 + 1  # frozen, nothing left in it
 
 
 def test_named_counters_share_by_name(backend: str, name: str) -> None:
@@ -317,3 +320,52 @@ def test_fork_per_task_pool_adds_exactly() -> None:
         for future in futures:
             future.result()
         assert counter.value == 450
+
+
+def test_subtractions_from_threads_and_processes_while_the_regime_flips() -> None:
+    """Threads of one process share a stripe: +1 and -1 from two of them, with another
+    process switching the counter between its regimes all along, must still add up."""
+    with SharedCounter() as counter:
+
+        def gauge() -> None:
+            def up() -> None:
+                _times(20_000, counter.add, 1)
+
+            def down() -> None:
+                _times(10_000, counter.add, -1)
+
+            threads = [threading.Thread(target=up), threading.Thread(target=down)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+        rounds = 40
+
+        def flipper() -> None:
+            for _ in range(rounds):
+                counter.add_and_get(0)  # central (and this process stays pinned)
+                _times(counter_module._THAW_AFTER, counter.add, 1)  # unpins, then thaws
+
+        _run_children(gauge, gauge, flipper)
+        assert counter.value == 2 * (20_000 - 10_000) + rounds * counter_module._THAW_AFTER
+
+
+def test_add_and_get_gets_through_a_busy_adder(pipe: Pipe) -> None:
+    """Going central must not livelock against a process adding as fast as it can."""
+    with SharedCounter() as counter, ipcfork.SharedValue("q", 0) as stop:
+
+        def adder() -> None:
+            counter.add()
+            pipe.send()
+            while not stop.value:
+                for _ in range(1000):
+                    counter.add()
+
+        pid = fork(adder)
+        pipe.recv()
+        totals = [counter.add_and_get(1) for _ in range(200)]
+        stop.value = 1
+        assert reap(pid) == 0
+        assert totals == sorted(totals) and len(set(totals)) == 200
+        assert counter.value % 1000 == 201 % 1000
