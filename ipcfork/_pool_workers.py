@@ -7,8 +7,6 @@ what a dying worker leaves behind (its running task fails, its queued ones run e
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import time
 
@@ -20,8 +18,6 @@ from ._translate import translate_exception
 from ._workers import DEPTH, InFlight, Worker, encode_task, run_worker
 
 __all__ = ["WorkerDispatch"]
-
-_TASK_PIPE_BYTES = 1 << 20  # the default pipe-max-size; a larger request fails harmlessly
 
 
 class WorkerDispatch(PoolCore):
@@ -108,8 +104,6 @@ class WorkerDispatch(PoolCore):
         os.close(done_w)
         os.set_blocking(done_r, False)
         os.set_blocking(task_w, False)  # a full pipe must never stall the manager
-        with contextlib.suppress(OSError):  # room for a big map chunk in one write
-            fcntl.fcntl(task_w, fcntl.F_SETPIPE_SZ, _TASK_PIPE_BYTES)
         worker = Worker(pid, task_w, done_r, slots)
         self._workers[pid] = worker
         self._worker_by_fd[done_r] = worker

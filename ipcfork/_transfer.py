@@ -26,6 +26,7 @@ and ``done`` equal to the size proves the child got to the end rather than dying
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import pickle
@@ -48,7 +49,6 @@ _ALIGN = 64
 _RAW_FLAG = 1 << 8  # in ``kind``: a bytes/bytearray result carried as its one buffer
 _IOV_MAX = 1024
 _MAX_READ = 0x7FFFF000  # the most Linux moves in one read()
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page now, in one go
 
 
 def _align(n: int) -> int:
@@ -141,6 +141,8 @@ def _write_all(fd: int, pieces: list[Any], offset: int) -> None:
     while views:
         batch = views[:_IOV_MAX]
         written = os.pwritev(fd, batch, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, "no room left for the outcome in /dev/shm")
         offset += written
         while views and written >= views[0].nbytes:
             written -= views[0].nbytes
@@ -180,7 +182,7 @@ def read_outcome(name: str) -> tuple[int, Any] | None:
             raw = pickle.loads(os.pread(shm.fd, plen, _align(_HEAD.size + _SPAN.size)))
             payload = _read_exactly(shm.fd, length, at, raw.kind)
             return None if payload is None else (kind & ~_RAW_FLAG, payload)
-        area = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+        area = mmap.mmap(shm.fd, size)
     finally:
         shm.close_fd()
     view = memoryview(area)
@@ -200,7 +202,9 @@ def _read_exactly(fd: int, length: int, offset: int, kind: type) -> Any:
     the object is shorter."""
     if kind is bytes and length <= _MAX_READ:
         data = os.pread(fd, length, offset)  # read straight into the new bytes object
-        return data if len(data) == length else None
+        if len(data) == length:
+            return data
+        # a short read (a signal, say): read it again below, piece by piece
     buffer = bytearray(length)
     view = memoryview(buffer)
     done = 0

@@ -36,7 +36,6 @@ __all__ = ["DEPTH", "InFlight", "Worker", "call_pickled", "encode_call", "encode
 
 DEPTH = 8  # tasks queued per worker: enough to keep it busy between parent rounds
 _U32 = struct.Struct("<I")
-_BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
 _CACHE_SIZE = 128
 _PICKLED: dict[Callable[..., Any], bytes] = {}  # in the parent: function -> its pickle
 _LOADED: dict[bytes, Callable[..., Any]] = {}  # in a worker: pickle -> function
@@ -180,7 +179,7 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     arguments.  Other callables (bound methods, partials) go in one pickle with the
     arguments, so objects shared between them stay shared.  Raises what pickling raises.
     """
-    if type(fn) in _BY_REFERENCE:
+    if _pickles_by_name(fn):
         fn_bytes = _PICKLED.get(fn)
         if fn_bytes is None:
             if len(_PICKLED) >= _CACHE_SIZE:
@@ -188,6 +187,18 @@ def encode_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
             fn_bytes = _PICKLED[fn] = pickle.dumps(fn, protocol=5)
         return _U32.pack(len(fn_bytes)) + fn_bytes + pickle.dumps((args, kwargs), protocol=5)
     return _U32.pack(0) + pickle.dumps((fn, args, kwargs), protocol=5)
+
+
+def _pickles_by_name(fn: Callable[..., Any]) -> bool:
+    """A Python function, or a builtin of a module (``abs``, ``math.sqrt``): pickled as a
+    name, the same bytes every time.  Not a bound method of a C object (``data.count``):
+    that pickles its object, whose state may change between two tasks."""
+    if type(fn) is types.FunctionType:
+        return True
+    if type(fn) is types.BuiltinFunctionType:
+        owner = getattr(fn, "__self__", None)
+        return owner is None or isinstance(owner, types.ModuleType)
+    return False
 
 
 def encode_task(slot: int, spill: str, fn: Callable[..., Any], args: tuple[Any, ...],

@@ -414,9 +414,9 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
     def _handle_events(self, exits: list[Exit]) -> None:
         # Log records first, so a task's records reach the handlers before its future
         # resolves; then completion notices (a worker that exited may have posted some).
-        # Only when its socket polled readable: a child queues its records before it
-        # posts a notice or exits, so they are readable in the same round.
-        if self._logs is not None and self._logs.fd in self._watch.ready:
+        # Whenever something finished: a child queues its records before it posts a
+        # notice or exits (poll may have looked at the log socket just before that).
+        if self._logs is not None and (exits or self._watch.ready):
             self._logs.drain()
         for fd in self._watch.ready:
             worker = self._worker_by_fd.get(fd)
@@ -439,13 +439,16 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
                 with self._lock:
                     finished.append((self._running.pop(exited.pid), exited))
         if finished:
-            # Fork the replacements before reading the outcomes: a large result takes tens
-            # of milliseconds to copy, and the next children can run meanwhile (each has a
-            # spare arena slot for this).
-            if not self._persistent and not self._zygote:
-                self._start_pending()
-            for run, exited in finished:
-                self._resolve(run, exited)
+            try:
+                # Fork the replacements before reading the outcomes: a large result takes
+                # tens of milliseconds to copy, and the next children run meanwhile (each
+                # has a spare arena slot for this).  Not with retries: a failed task must
+                # run again before newer ones.
+                if not self.retries and not self._persistent and not self._zygote:
+                    self._start_pending()
+            finally:
+                for run, exited in finished:
+                    self._resolve(run, exited)
 
     def _finished(self) -> bool:
         """True once shut down with nothing left; stops idle workers on the way."""

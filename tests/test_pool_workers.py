@@ -130,3 +130,8 @@ def test_calls_are_cached_by_function_and_shared_objects_stay_shared() -> None:
         box = Box()
         assert pool.submit(box.same, box).result(timeout=30) is True
         assert pool.submit(pow, 2, 10).result(timeout=30) == 1024
+        # A bound method of a C object pickles its object: never a stale copy of it.
+        data = [1]
+        assert pool.submit(data.count, 1).result(timeout=30) == 1
+        data.append(1)
+        assert pool.submit(data.count, 1).result(timeout=30) == 2
