@@ -234,7 +234,8 @@ def _read_until(fd: int, pattern: bytes, timeout: float = 30) -> bytes:
     return seen
 
 
-def test_ctrl_c_mid_run_exits_130_and_leaves_nothing() -> None:
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_mid_run_exits_and_leaves_nothing(signum: int, status: int) -> None:
     # stderr on a terminal, as for a person pressing Ctrl-C: the live progress shows when
     # the workers are under way, so no sleep is needed to know the run is in progress.
     master, slave = pty.openpty()
@@ -246,7 +247,7 @@ def test_ctrl_c_mid_run_exits_130_and_leaves_nothing() -> None:
         _read_until(master, rb"\b[1-9]\d*%")  # the first run has done some work
         workers = _children_of(proc.pid)
         assert len(workers) == 4
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, _ = proc.communicate(timeout=30)
         said = b""
         while True:  # the rest of what reached the terminal, up to its closing
@@ -262,9 +263,28 @@ def test_ctrl_c_mid_run_exits_130_and_leaves_nothing() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130 and out == ""
+    assert proc.returncode == status and out == ""
     lines = [ln for ln in said.decode().replace("\r", "\n").split("\n") if ln.strip()]
     assert lines[-1] == "ipcfork race: interrupted; workers stopped, nothing left behind"
     for pid in workers:  # reaped by the command, not merely re-parented
         assert not os.path.exists(f"/proc/{pid}")
     # No IPC object left: the autouse fixture compares snapshots around this test.
+
+
+def test_a_worker_killed_mid_run_ends_the_run_instead_of_hanging() -> None:
+    """SIGKILL one worker while the others contend on a semaphore it may hold (not robust):
+    the run must stop the others and report the crash, not wait for them forever."""
+    from ipcfork import ChildCrashedError, testing
+
+    killed: list[int] = []
+
+    def progress(fraction: float) -> None:
+        if not killed and fraction > 0:
+            victim = testing.children()[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    with pytest.raises(ChildCrashedError):
+        race.run("counter", "semaphore", workers=4, iterations=5_000_000, window=0.0,
+                 progress=progress)
+    assert killed

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,15 @@ from .runner import (
 __all__ = ["add_parser", "default_iterations", "parse_window", "run_command"]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: unwind like Ctrl-C, closing every run's objects."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
 WINDOW_BUDGET = 0.05  # seconds of windows per worker that sets the default iterations
 _UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _DURATION = re.compile(r"\s*((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(s|ms|us|µs|ns)?\s*",
@@ -182,19 +192,24 @@ def run_command(args: argparse.Namespace) -> int:
                    for s in args.scenario for g in guards) * len(args.workers)
     progress = Progress(runnable)
     results: list[RunResult] = []
+    # SIGTERM becomes an exception, so every run's objects are closed on the way out (the
+    # default action would end the process before any cleanup ran).
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         results.extend(sweep(args.scenario, guards, args.workers, config["iterations"],
                              window, config["seed"], lock_timeout=args.lock_timeout,
                              on_start=progress.start))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as exc:
         progress.clear()
         print("ipcfork race: interrupted; workers stopped, nothing left behind",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
     except (IpcforkError, OSError, ImportError) as exc:
         progress.clear()
         print(f"ipcfork race: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     progress.clear()
     status = exit_status(results)
     if args.plot is not None:

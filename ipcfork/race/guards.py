@@ -215,8 +215,16 @@ def _shared_counter_class() -> Any:
 
 def unavailable(name: str) -> str | None:
     """Why guard ``name`` cannot run here, or None if it can."""
-    if guard_spec(name).kind == "atomic" and _shared_counter_class() is None:
-        return "ipcfork.SharedCounter is not available in this version of ipcfork"
+    if guard_spec(name).kind == "atomic":
+        if _shared_counter_class() is None:
+            return "ipcfork.SharedCounter is not available in this version of ipcfork"
+        from .._atomic import atomics
+        from ..errors import IpcforkError
+
+        try:
+            atomics()
+        except IpcforkError as exc:  # no libatomic, or no lock-free 8-byte atomics
+            return str(exc)
     return None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from typing import Any
 
 from .._common import check_count
 from ..barrier import Barrier
-from ..errors import InvalidArgumentError
+from ..errors import BrokenBarrierError, ChildCrashedError, InvalidArgumentError
 from ..pool import ForkPool
 from .buffer import BufferScenario
 from .deadlock import DeadlockScenario
@@ -194,6 +195,7 @@ def _run_workers(state: Scenario, config: Config, stack: contextlib.ExitStack,
 
         try:
             state.attach()
+            state.prepare(index)
             start_line.wait(timeout=START_WAIT)
         except BaseException:
             start_line.abort()  # the others would wait for us until START_WAIT
@@ -205,15 +207,42 @@ def _run_workers(state: Scenario, config: Config, stack: contextlib.ExitStack,
     total = config.workers * config.iterations
     with ForkPool(max_workers=config.workers) as pool:
         futures = [pool.submit(worker, index) for index in range(config.workers)]
-        pending: Iterable[concurrent.futures.Future[Any]] = futures
+        pending: set[concurrent.futures.Future[Any]] = set(futures)
         while pending:
-            pending = concurrent.futures.wait(
-                pending, timeout=_PROGRESS_EVERY if progress else None).not_done
+            finished, pending = concurrent.futures.wait(
+                pending, timeout=_PROGRESS_EVERY if progress else None,
+                return_when=concurrent.futures.FIRST_EXCEPTION)
+            if any(future.exception() is not None for future in finished):
+                _stop_the_others(start_line, futures)
+                break
             if progress is not None:
                 progress(min(1.0, sum(done.tolist()) / total))
+        concurrent.futures.wait(futures)
+        _raise_first_failure(futures)
         outcomes = [future.result() for future in futures]
         rss = max(future.record.maxrss_kib or 0 for future in futures)
     return outcomes, rss
+
+
+def _stop_the_others(start_line: Barrier, futures: list[Any]) -> None:
+    """A worker failed (or was killed): the others may wait for it forever, at the start
+    line or on a lock it held that no one will release (a semaphore is not robust), so
+    break the start line and kill them."""
+    start_line.abort()
+    for future in futures:
+        if not future.done() and not future.cancel() and future.record.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(future.record.pid, signal.SIGKILL)
+
+
+def _raise_first_failure(futures: list[Any]) -> None:
+    """Raise the error that started it: a worker's own error before the broken start
+    lines and the kills it caused in the others."""
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+    if errors:
+        first = next((e for e in errors if not isinstance(
+            e, (BrokenBarrierError, ChildCrashedError))), errors[0])
+        raise first
 
 
 def sweep(scenarios: Iterable[str] = ("counter",), guards: Iterable[str] = DEFAULT_GUARDS,

@@ -87,6 +87,11 @@ class Scenario(ABC):
         for lock in self.locks:
             lock.attach()
 
+    def prepare(self, worker: int) -> None:
+        """Work a worker does before the start line (outside the timed part): nothing by
+        default."""
+        del worker
+
     @abstractmethod
     def work(self, worker: int, report: Callable[[int], None]) -> Any:
         """The worker's loop (runs in the child); calls ``report(done)`` now and then.
