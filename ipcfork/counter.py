@@ -496,9 +496,12 @@ class SharedCounter:
         self.lock.close()
 
     def unlink(self) -> None:
-        """Remove a named counter (segment and lock) system-wide."""
-        self._shm.unlink()
-        self.lock.unlink()
+        """Remove a named counter (segment and lock) system-wide.  Raises
+        ObjectNotFoundError if the segment was gone already (the lock is removed anyway)."""
+        try:
+            self._shm.unlink()
+        finally:
+            self.lock.unlink()
 
     def __enter__(self) -> SharedCounter:
         return self

@@ -381,8 +381,10 @@ class Mutex:
                     self._state.remove()
                 else:  # closed already: find the owner word by its key
                     segment = sysv_ipc.SharedMemory(self._sem.key ^ OWNER_KEY_FLIP)
-                    segment.remove()
-                    segment.detach()  # opening attached it
+                    try:
+                        segment.remove()
+                    finally:
+                        segment.detach()  # opening attached it
         self._sem.unlink()
 
 
