@@ -264,6 +264,11 @@ class OutcomeArena:
         self._SLOT_HEAD.pack_into(self._buf, base, 0, kind, spilled, len(data))
         struct.pack_into("<Q", self._buf, base, head + len(data))  # last: complete
 
+    def spilled(self, slot: int) -> bool:
+        """In the parent, after the child exited: whether its outcome went to a spill."""
+        done, _, spilled, _ = self._SLOT_HEAD.unpack_from(self._buf, slot * self.SLOT)
+        return bool(done and spilled)
+
     def read(self, slot: int) -> tuple[int, Any] | None:
         """In the parent, after the child exited: the outcome, or None if incomplete."""
         base = slot * self.SLOT

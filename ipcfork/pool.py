@@ -440,11 +440,13 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
                     finished.append((self._running.pop(exited.pid), exited))
         if finished:
             try:
-                # Fork the replacements before reading the outcomes: a large result takes
-                # tens of milliseconds to copy, and the next children run meanwhile (each
-                # has a spare arena slot for this).  Not with retries: a failed task must
-                # run again before newer ones.
-                if not self.retries and not self._persistent and not self._zygote:
+                # Fork the replacements before reading large (spilled) outcomes: copying
+                # one takes tens of milliseconds, and the next children run meanwhile (each
+                # has a spare arena slot for this).  Small ones are settled first, as a
+                # fork takes a millisecond.  Not with retries: a failed task must run again
+                # before newer ones.
+                if (not self.retries and not self._persistent and not self._zygote
+                        and any(self._arena.spilled(run.slot) for run, _ in finished)):
                     self._start_pending()
             finally:
                 for run, exited in finished:
