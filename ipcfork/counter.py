@@ -2,9 +2,9 @@
 read-and-update.
 
 Layout (one segment): a header line (``pending``, a mode hint, ``frozen_sum``, a magic
-word) and 64 *stripes* of 128 bytes each, so that no two stripes share a cache line or an
-adjacent-line prefetch pair (``word``, ``owner``, ``pin``, ``record``).  A stripe word holds
-its count shifted left by one; bit 0 is FROZEN.
+word, a lock word) and 64 *stripes* of 128 bytes each, so that no two stripes share a cache
+line or an adjacent-line prefetch pair (``word``, ``owner``, ``pin``, ``record``).  A
+stripe word holds its count shifted left by one; bit 0 is FROZEN.
 
 ``add`` runs in one of two regimes, chosen by the last linearizable operation:
 
@@ -22,8 +22,10 @@ its count shifted left by one; bit 0 is FROZEN.
 Going central (freeze each stripe by compare-and-swap after writing its record, sum the
 records, then clear the BLOCKED bit of every stripe's ``pin``) and going back (set every
 BLOCKED bit; give up if a live thread holds a pin; unfreeze each stripe by a
-compare-and-swap that fails while a transient is in it) happen under a robust
-:class:`Mutex`.  A linearizable operation *pins* its stripe once (one fetch-and-add that
+compare-and-swap that fails while a transient is in it) happen under the header's lock
+word (:class:`~ipcfork._wordlock.WordLock`: taken by one compare-and-swap that writes the
+holder's token, so a holder killed at any point is recognised and replaced).  A
+linearizable operation *pins* its stripe once (one fetch-and-add that
 also tells it, through the BLOCKED bit, whether the counter is central) and keeps the pin
 until its thread next tries to go back to stripes.  Invariant: while any pin is unblocked,
 every stripe is frozen and ``frozen_sum`` is right.  Every step is idempotent and ordered
@@ -47,8 +49,8 @@ from typing import Any
 
 from ._atomic import SEQ_CST, atomics, word_address
 from ._identity import IDENTITY, token_alive
+from ._wordlock import WordLock
 from .errors import InvalidArgumentError, ObjectClosedError, ObjectCorruptError
-from .mutex import companion_lock
 from .shm import SharedMemory
 
 __all__ = ["SharedCounter"]
@@ -56,9 +58,9 @@ __all__ = ["SharedCounter"]
 STRIPES = 64
 _LINE = 128
 SIZE = _LINE * (1 + STRIPES)
-_PENDING, _MODE, _FROZEN_SUM, _MAGIC = 0, 8, 16, 24
+_PENDING, _MODE, _FROZEN_SUM, _MAGIC, _LOCK = 0, 8, 16, 24, 32
 _WORD, _OWNER, _PIN, _RECORD = 0, 8, 16, 24
-_MAGIC_VALUE = 0x32746E6366637069  # b"ipcfcnt2", little-endian
+_MAGIC_VALUE = 0x33746E6366637069  # b"ipcfcnt3", little-endian
 _STRIPED, _CENTRAL = 0, 1
 
 _FROZEN = 1
@@ -136,6 +138,7 @@ def _forget_lanes_after_fork() -> None:
         if counter._open:
             counter._lanes = threading.local()
             counter._pinned = []  # the parent's pins are the parent's
+            counter._lock.after_fork_in_child()
             counter._finalizer.detach()
             counter._finalizer = weakref.finalize(counter, _unpin_all, counter._ops,
                                                   counter._pinned, counter._shm, os.getpid())
@@ -151,9 +154,8 @@ class SharedCounter:
     once adds have stopped; while they run, it counts every add that finished before the
     read began); ``add_and_get(n)`` and ``compare_and_set(expected, new)`` are
     linearizable.  Anonymous by default (share it with children through ``fork``) or named
-    like :class:`SharedMemory`; the lock is a :class:`Mutex` named ``<name>.lock``
-    (posix) or keyed ``ftok(path, proj + 1)`` (sysv).  ``initial`` is written only when the
-    counter is created.
+    like :class:`SharedMemory` (one segment, nothing else).  ``initial`` is written only
+    when the counter is created.
 
     Raises InvalidArgumentError for a value outside the int64 range, ObjectCorruptError
     when a named segment is not a SharedCounter, IpcforkError when libatomic is missing.
@@ -177,11 +179,10 @@ class SharedCounter:
                                          f"SharedCounter needs {SIZE}", obj=self._what)
             self._buf = self._shm.buf
             base = word_address(self._buf, 0)
-            self.lock = companion_lock(name, backend=backend, create=create,
-                                       allow_foreign=allow_foreign, proj=proj)
         except BaseException:
             self._shm.close()
             raise
+        self._lock = WordLock(self._ops, base + _LOCK)
         self._pending = c_void_p(base + _PENDING)
         self._mode = c_int64.from_address(base + _MODE)
         self._frozen_sum = c_int64.from_address(base + _FROZEN_SUM)
@@ -193,12 +194,11 @@ class SharedCounter:
         self._owners = [c_void_p(line + _OWNER) for line in lines]
         self.created = self._shm.created
         try:
-            with self.lock:
+            with self._lock:
                 self._initialize(base, initial)
         except BaseException:
             del self._buf
             self._shm.close()
-            self.lock.close()
             raise
         self._lanes = threading.local()
         self._pinned: list[_Lane] = []
@@ -257,7 +257,7 @@ class SharedCounter:
         """Take over the stripe of a dead process: its count stays in the total.  Under
         the lock, tried without blocking, since clearing the dead pin count and a dead
         transient must not race a thaw or another adopter."""
-        if not self.lock.acquire(blocking=False):
+        if not self._lock.acquire(blocking=False):
             return None
         try:
             for index, seen in enumerate(owners):
@@ -273,7 +273,7 @@ class SharedCounter:
                         return index
             return None
         finally:
-            self.lock.release()
+            self._lock.release()
 
     def _set_word(self, index: int, expected: int, new: int) -> bool:
         was = c_int64(expected)
@@ -360,7 +360,7 @@ class SharedCounter:
                 self._pinned.append(lane)
                 return self._apply(a, b)
             self._ops.fetch_add(lane.pin, _C_MINUS_ONE, SEQ_CST)
-        with self.lock:
+        with self._lock:
             # Pins are all blocked or all clear, except after a holder died inside
             # _unblock: then this thread's own pin may still be blocked.
             if self._ops.load(lane.pin or self._pins[0], SEQ_CST) & _BLOCKED:
@@ -431,11 +431,11 @@ class SharedCounter:
 
     def _try_thaw(self) -> None:
         """Go back to stripes if the lock is free; never waits for it."""
-        if self.lock.acquire(blocking=False):
+        if self._lock.acquire(blocking=False):
             try:
                 self._thaw()
             finally:
-                self.lock.release()
+                self._lock.release()
 
     def _thaw(self) -> None:
         """Back to stripes, unless a live thread holds a pin (it may be mid-operation, and
@@ -493,15 +493,10 @@ class SharedCounter:
         _LIVE.discard(self)
         del self._buf
         self._shm.close()
-        self.lock.close()
 
     def unlink(self) -> None:
-        """Remove a named counter (segment and lock) system-wide.  Raises
-        ObjectNotFoundError if the segment was gone already (the lock is removed anyway)."""
-        try:
-            self._shm.unlink()
-        finally:
-            self.lock.unlink()
+        """Remove a named counter system-wide.  Raises ObjectNotFoundError if it is gone."""
+        self._shm.unlink()
 
     def __enter__(self) -> SharedCounter:
         return self

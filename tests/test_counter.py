@@ -225,7 +225,7 @@ def test_lock_holder_killed_half_way_through_a_transition() -> None:
         _run_children(*[lambda: _times(1000, counter.add)] * 3)
 
         def half_switch() -> None:
-            counter.lock.acquire()
+            counter._lock.acquire()
             for index in range(counter_module.STRIPES // 3):
                 counter._freeze(index)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -255,7 +255,7 @@ def test_lock_holder_killed_half_way_through_a_thaw() -> None:
 
 def _kill_mid_thaw(counter: SharedCounter) -> None:
     """What ``_thaw`` does, stopped by SIGKILL half-way through unfreezing."""
-    counter.lock.acquire()
+    counter._lock.acquire()
     counter._mode.value = 0
     for pin in counter._pins:
         counter._ops.fetch_or(pin, counter_module._C_BLOCKED, 5)
@@ -308,10 +308,22 @@ def test_a_segment_that_is_not_a_counter_is_refused(name: str, backend: str) -> 
     finally:
         shm.close()
         shm.unlink()
-        lock = ipcfork.Mutex(f"{name}.lock" if backend == "posix" else name,
-                             backend=backend, proj=ord("i") % 255 + 1)
-        lock.close()
-        lock.unlink()
+
+
+def test_lock_holder_killed_right_after_taking_the_lock() -> None:
+    """The lock word holds the token of whoever took it, set in the same instruction that
+    took it: a holder SIGKILLed at once is recognised as dead and replaced."""
+    with SharedCounter() as counter:
+        counter.add(3)
+
+        def take_and_die() -> None:
+            counter._lock.acquire()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        pid = fork(take_and_die)
+        assert reap(pid) == -signal.SIGKILL
+        assert counter.add_and_get(1) == 4  # striped still: goes through the lock
+        assert counter._lock.previous_owner_died
 
 
 def test_fork_per_task_pool_adds_exactly() -> None:
