@@ -381,3 +381,39 @@ def test_add_and_get_gets_through_a_busy_adder(pipe: Pipe) -> None:
         assert reap(pid) == 0
         assert totals == sorted(totals) and len(set(totals)) == 200
         assert counter.value % 1000 == 201 % 1000
+
+
+def test_word_lock_excludes_processes_and_threads() -> None:
+    """SharedCounter's lock word on its own: increments under it from two processes of
+    two threads each are exact, and a non-blocking try fails while it is held."""
+    from ipcfork._atomic import atomics, word_address
+    from ipcfork._wordlock import WordLock
+
+    with ipcfork.SharedMemory(16) as shm:
+        lock = WordLock(atomics(), word_address(shm.buf, 0))
+        total = shm.buf[8:16].cast("q")
+        try:
+
+            def hammer() -> None:
+                def work() -> None:
+                    for _ in range(3000):
+                        with lock:
+                            total[0] += 1
+
+                threads = [threading.Thread(target=work) for _ in range(2)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+
+            _run_children(hammer, hammer)
+            assert total[0] == 2 * 2 * 3000
+            assert lock.acquire()
+            _run_children(lambda: _expect(not lock.acquire(blocking=False)))
+            lock.release()
+        finally:
+            total.release()
+
+
+def _expect(condition: bool) -> None:
+    assert condition
