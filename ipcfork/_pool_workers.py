@@ -14,7 +14,7 @@ from ._pool_core import PoolCore
 from ._reaper import Exit
 from ._tasks import Work
 from ._transfer import discard_outcome, outcome_name
-from ._translate import translate_exception
+from ._translate import fork_error
 from ._workers import DEPTH, InFlight, Worker, encode_task, run_worker
 
 __all__ = ["WorkerDispatch"]
@@ -77,8 +77,7 @@ class WorkerDispatch(PoolCore):
                     with self._lock:
                         work = self._pending.popleft() if self._pending else None
                     if work is not None and work.future.set_running_or_notify_cancel():
-                        work.future.set_exception(
-                            translate_exception(exc, "ForkPool", "-", "fork"))
+                        work.future.set_exception(fork_error(exc))
                 return None
         return least_busy
 

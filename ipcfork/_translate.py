@@ -24,7 +24,7 @@ from .errors import (
     WaitTimeoutError,
 )
 
-__all__ = ["translate_exception", "translating"]
+__all__ = ["fork_error", "translate_exception", "translating"]
 
 _ERRNO_CLASSES: dict[int, type[IpcforkError]] = {
     errno.ENOENT: ObjectNotFoundError,
@@ -78,3 +78,17 @@ def translating(what: str, backend: str, op: str) -> Iterator[None]:
     except (sysv_ipc.Error, posix_ipc.Error, OSError, ValueError, OverflowError,
             MemoryError) as exc:
         raise translate_exception(exc, what, backend, op) from exc
+
+
+def fork_error(exc: OSError) -> IpcforkError:
+    """The error a task gets when ``fork`` itself failed: out of processes (EAGAIN: the
+    pids cgroup, RLIMIT_NPROC or threads-max) or out of memory, as LimitExceededError."""
+    if exc.errno in (errno.EAGAIN, errno.ENOMEM):
+        what = "processes" if exc.errno == errno.EAGAIN else "memory"
+        return LimitExceededError(
+            f"fork failed: out of {what} ({exc.strerror}) and no child of this pool was "
+            "running to wait for", obj="ForkPool",
+            limit="RLIMIT_NPROC, pids.max, kernel.threads-max" if what == "processes"
+            else "available memory")
+    return translate_exception(exc, "ForkPool", "-", "fork")
+

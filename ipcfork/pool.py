@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import errno
 import functools
 import itertools
 import os
@@ -68,7 +69,7 @@ from ._tasks import (
 )
 from ._timeouts import check_timeout
 from ._transfer import EXCEPTION, OutcomeArena, discard_outcome, outcome_name
-from ._translate import translate_exception
+from ._translate import fork_error
 from ._workers import DEPTH, Worker
 from .errors import (
     ForkSafetyWarning,
@@ -468,9 +469,13 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
 
     def _start_pending(self) -> None:
         while (work := self._next_startable(len(self._running))) is not None:
-            self._fork(work)
+            if not self._fork(work):
+                return  # out of processes for now: the next child's exit brings us back
 
-    def _fork(self, work: Work) -> None:
+    def _fork(self, work: Work) -> bool:
+        """Fork a child for ``work``; False if the system is out of processes or memory
+        while children of ours run (the task goes back to the front of the queue, to be
+        forked when one of them has ended)."""
         self._warn_about_threads()
         record = work.future.record
         record.attempts += 1
@@ -485,11 +490,18 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
         started = time.monotonic()
         try:
             pid = os.fork()
-        except OSError as exc:  # out of processes or memory: this task fails, the pool lives
+        except OSError as exc:
             self._free_slots.append(slot)
+            if exc.errno in (errno.EAGAIN, errno.ENOMEM) and self._running:
+                record.attempts -= 1  # not an attempt: it never ran
+                with self._lock:
+                    self._pending.appendleft(work)
+                return False
+            # With no child of ours to wait for, nothing would free the resource: this
+            # task fails, the pool lives.
             record.outcome = "crash"
-            work.future.set_exception(translate_exception(exc, "ForkPool", "-", "fork"))
-            return
+            work.future.set_exception(fork_error(exc))
+            return True
         if pid == 0:  # the child: never returns
             run_task_in_child(self._parent, write, work.fn, work.args, work.kwargs,
                               self._initializer, self._initargs, self._child_setup)
@@ -498,6 +510,7 @@ class ForkPool(WorkerDispatch, ZygoteDispatch, Executor):
             self._running[pid] = Running(work, pid, slot, spill, started, deadline)
         record.pid = pid
         self._watch.add(pid)
+        return True
 
     def _warn_about_threads(self) -> None:
         others = [t for t in threading.enumerate()

@@ -1,0 +1,99 @@
+"""ForkPool when the system refuses to fork: a process-count limit from the kernel's pids
+cgroup (RLIMIT_NPROC does not bind root), applied to a pool running in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_PIDS_ROOT = "/sys/fs/cgroup/pids"
+
+# Runs inside the limited cgroup: the main thread, the pool's manager thread and one child
+# fit under pids.max=3, so a second concurrent fork fails with EAGAIN.  The first child
+# stays alive until the cgroup has counted a refused fork, so the refusal is certain.
+_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import ipcfork
+
+    cgroup = sys.argv[1]
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+        procs.write(str(os.getpid()))
+
+    def refusals() -> int:
+        with open(os.path.join(cgroup, "pids.events")) as events:
+            return int(events.read().split()[1])
+
+    def first() -> int:
+        while refusals() == 0:
+            os.sched_yield()
+        return -1
+
+    with ipcfork.ForkPool(4) as pool:
+        futures = [pool.submit(first)] + [pool.submit(abs, -i) for i in range(1, 8)]
+        results = [f.result(timeout=60) for f in futures]
+        again = pool.submit(abs, -9).result(timeout=60)
+    assert results == [-1, 1, 2, 3, 4, 5, 6, 7], results
+    assert again == 9
+    print(refusals())
+""")
+
+
+def _make_cgroup(limit: int) -> str:
+    path = os.path.join(_PIDS_ROOT, f"ipcfork-test-{secrets.token_hex(4)}")
+    try:
+        os.mkdir(path)
+        with open(os.path.join(path, "pids.max"), "w") as pids_max:
+            pids_max.write(str(limit))
+    except OSError as exc:
+        if os.path.isdir(path):
+            os.rmdir(path)
+        pytest.skip(f"cannot make a pids cgroup here: {exc}")
+    return path
+
+
+@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+def test_refused_forks_wait_for_a_child_to_end_instead_of_failing_tasks() -> None:
+    cgroup = _make_cgroup(3)
+    try:
+        run = subprocess.run([sys.executable, "-c", _SCRIPT, cgroup], capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        os.rmdir(cgroup)  # empty again: the subprocess and its children have exited
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) >= 1  # the kernel did refuse forks, and every task still ran
+
+
+# Under pids.max=2 the main thread and the manager thread use both: no child can be forked,
+# nothing of ours could free one, so each task fails at once, clearly, and the pool lives.
+_NO_ROOM = textwrap.dedent("""
+    import os, sys
+    import ipcfork
+
+    with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as procs:
+        procs.write(str(os.getpid()))
+    with ipcfork.ForkPool(2) as pool:
+        for _ in range(2):
+            try:
+                pool.submit(abs, -1).result(timeout=60)
+            except ipcfork.LimitExceededError as exc:
+                assert "out of processes" in str(exc) and exc.limit, exc
+            else:
+                raise AssertionError("a fork succeeded past pids.max")
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+def test_a_fork_refused_with_no_child_to_wait_for_fails_its_task_clearly() -> None:
+    cgroup = _make_cgroup(2)
+    try:
+        run = subprocess.run([sys.executable, "-c", _NO_ROOM, cgroup], capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        os.rmdir(cgroup)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
