@@ -51,27 +51,24 @@ def counter_method(method: str) -> Variant:
     return variant
 
 
-def mp_value(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
-    value = multiprocessing.Value("q", 0)
+def mp_value(read_back: bool) -> Variant:
+    """``with v.get_lock(): v.value += 1``, and with ``read_back`` the new value read too
+    (what add_and_get returns)."""
 
-    def body(k: int) -> None:
-        lock = value.get_lock()
-        for _ in range(k):
-            with lock:
-                value.value += 1
-    return body, lambda: int(value.value)
+    def variant(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
+        value = multiprocessing.Value("q", 0)
 
+        def body(k: int) -> None:
+            lock = value.get_lock()
+            for _ in range(k):
+                with lock:
+                    value.value += 1
+                    if read_back:
+                        _ = value.value
+        return body, lambda: int(value.value)
 
-def mp_value_get(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
-    value = multiprocessing.Value("q", 0)
-
-    def body(k: int) -> None:
-        lock = value.get_lock()
-        for _ in range(k):
-            with lock:
-                value.value += 1
-                _ = value.value
-    return body, lambda: int(value.value)
+    variant.__name__ = "mp.Value + lock" + (", get" if read_back else "")
+    return variant
 
 
 def unguarded(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
@@ -88,8 +85,8 @@ def unguarded(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
 VARIANTS: dict[str, Variant] = {
     "SharedCounter.add": counter_method("add"),
     "SharedCounter.add_and_get": counter_method("add_and_get"),
-    "mp.Value + lock": mp_value,
-    "mp.Value + lock, get": mp_value_get,
+    "mp.Value + lock": mp_value(read_back=False),
+    "mp.Value + lock, get": mp_value(read_back=True),
     "unguarded word": unguarded,
 }
 

@@ -49,6 +49,7 @@ _ALIGN = 64
 _RAW_FLAG = 1 << 8  # in ``kind``: a bytes/bytearray result carried as its one buffer
 _IOV_MAX = 1024
 _MAX_READ = 0x7FFFF000  # the most Linux moves in one read()
+_PREFIX = 4096  # bytes read first: header, spans and a small pickle
 
 
 def _align(n: int) -> int:
@@ -174,12 +175,18 @@ def read_outcome(name: str) -> tuple[int, Any] | None:
         size = os.fstat(shm.fd).st_size
         if size < _HEAD.size:
             return None
-        magic, done, kind, plen, nbuf = _HEAD.unpack(os.pread(shm.fd, _HEAD.size, 0))
+        # One read for the header, and for a raw result its span and tiny pickle too.
+        prefix = os.pread(shm.fd, min(size, _PREFIX), 0)
+        magic, done, kind, plen, nbuf = _HEAD.unpack_from(prefix, 0)
         if magic != _MAGIC or done != size:
             return None
         if kind & _RAW_FLAG:
-            at, length = _SPAN.unpack(os.pread(shm.fd, _SPAN.size, _HEAD.size))
-            raw = pickle.loads(os.pread(shm.fd, plen, _align(_HEAD.size + _SPAN.size)))
+            at, length = _SPAN.unpack_from(prefix, _HEAD.size)
+            pickle_at = _align(_HEAD.size + _SPAN.size)
+            data = prefix[pickle_at:pickle_at + plen]
+            if len(data) < plen:
+                data = os.pread(shm.fd, plen, pickle_at)
+            raw = pickle.loads(data)
             payload = _read_exactly(shm.fd, length, at, raw.kind)
             return None if payload is None else (kind & ~_RAW_FLAG, payload)
         area = mmap.mmap(shm.fd, size)

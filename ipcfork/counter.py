@@ -344,10 +344,7 @@ class SharedCounter:
         return bool(self._linearizable(_int64(expected, "expected"), _int64(new, "new")))
 
     def _linearizable(self, a: int, b: int | None) -> int:
-        try:
-            lane: _Lane = self._lanes.lane
-        except AttributeError:
-            lane = self._lane()
+        lane = self._lane()
         if lane.pinned:
             # Pinned already: a thaw that sets BLOCKED finds our count and gives up, so a
             # plain read of our own pin word is enough.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 import pytest
 from conftest import Pipe, fork, reap
@@ -69,6 +70,15 @@ def test_closed_counter_raises() -> None:
 def _times(n: int, step: object, *args: int) -> None:
     for _ in range(n):
         step(*args)  # type: ignore[operator]
+
+
+def _in_threads(*targets: Callable[[], None]) -> None:
+    """Run each target in its own thread of this process, all at once; wait for them."""
+    threads = [threading.Thread(target=target) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _run_children(*bodies: object) -> None:
@@ -143,11 +153,7 @@ def test_threads_and_processes_together_are_exact() -> None:
                     else:
                         counter.add(1)
 
-            threads = [threading.Thread(target=work) for _ in range(3)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            _in_threads(work, work, work)
 
         _run_children(threaded, threaded)
         assert counter.value == 2 * 3 * 5000
@@ -346,11 +352,7 @@ def test_subtractions_from_threads_and_processes_while_the_regime_flips() -> Non
             def down() -> None:
                 _times(10_000, counter.add, -1)
 
-            threads = [threading.Thread(target=up), threading.Thread(target=down)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            _in_threads(up, down)
 
         rounds = 40
 
@@ -400,11 +402,7 @@ def test_word_lock_excludes_processes_and_threads() -> None:
                         with lock:
                             total[0] += 1
 
-                threads = [threading.Thread(target=work) for _ in range(2)]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
+                _in_threads(work, work)
 
             _run_children(hammer, hammer)
             assert total[0] == 2 * 2 * 3000

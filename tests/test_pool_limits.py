@@ -56,14 +56,20 @@ def _make_cgroup(limit: int) -> str:
     return path
 
 
+def _run_limited(limit: int, script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a new pids cgroup of ``limit`` processes, then remove the cgroup
+    (empty again once the script and its children have exited)."""
+    cgroup = _make_cgroup(limit)
+    try:
+        return subprocess.run([sys.executable, "-c", script, cgroup], capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        os.rmdir(cgroup)
+
+
 @pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
 def test_refused_forks_wait_for_a_child_to_end_instead_of_failing_tasks() -> None:
-    cgroup = _make_cgroup(3)
-    try:
-        run = subprocess.run([sys.executable, "-c", _SCRIPT, cgroup], capture_output=True,
-                             text=True, timeout=120)
-    finally:
-        os.rmdir(cgroup)  # empty again: the subprocess and its children have exited
+    run = _run_limited(3, _SCRIPT)
     assert run.returncode == 0, run.stderr
     assert int(run.stdout) >= 1  # the kernel did refuse forks, and every task still ran
 
@@ -90,10 +96,5 @@ _NO_ROOM = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
 def test_a_fork_refused_with_no_child_to_wait_for_fails_its_task_clearly() -> None:
-    cgroup = _make_cgroup(2)
-    try:
-        run = subprocess.run([sys.executable, "-c", _NO_ROOM, cgroup], capture_output=True,
-                             text=True, timeout=120)
-    finally:
-        os.rmdir(cgroup)
+    run = _run_limited(2, _NO_ROOM)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
