@@ -23,6 +23,7 @@ __all__ = [
     "AccessDeniedError",
     "BrokenBarrierError",
     "BufferInUseError",
+    "DeadlockError",
     "ChildCrashedError",
     "ForkSafetyWarning",
     "IpcforkError",
@@ -118,6 +119,10 @@ class ObjectClosedError(IpcforkError, ValueError):
 
 class NotOwnerError(IpcforkError, RuntimeError):
     """A mutex was released by a process that does not hold it."""
+
+
+class DeadlockError(IpcforkError, RuntimeError):
+    """A thread asked for a lock it already holds: the wait could never end."""
 
 
 class BufferInUseError(IpcforkError, BufferError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +16,9 @@ from conftest import fork, reap
 
 import ipcfork
 from ipcfork import MessageQueue, Mutex, Semaphore, SharedMemory
-from ipcfork.mutex import OWNER_KEY_FLIP, OWNER_SUFFIX
+from ipcfork._mutex_posix import INIT_WAIT, MUTEX_SUFFIX
+from ipcfork._mutex_sysv import OWNER_KEY_FLIP
+from ipcfork._native import RobustMutex
 
 NOBODY = 65534
 
@@ -37,10 +41,14 @@ def _plant(kind: str, name: str, backend: str, uid: int | None) -> None:
         if backend == "posix":
             if kind == "semaphore":
                 posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o666, initial_value=1)
-            elif kind == "mutex":
-                posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o666, initial_value=1)
-                posix_ipc.SharedMemory(name + OWNER_SUFFIX, posix_ipc.O_CREX, mode=0o666,
-                                       size=4096)
+            elif kind == "mutex":  # an initialised robust mutex, as a real squatter's
+                planted = posix_ipc.SharedMemory(name + MUTEX_SUFFIX, posix_ipc.O_CREX,
+                                                 mode=0o666, size=4096)
+                block = mmap.mmap(planted.fd, 4096)
+                core = RobustMutex()
+                assert core._bind(block, 0, True, "planted")
+                core._unbind()
+                block.close()
             elif kind == "shm":
                 posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o666, size=64)
             else:
@@ -61,8 +69,7 @@ def _plant(kind: str, name: str, backend: str, uid: int | None) -> None:
 def _remove_planted(kind: str, name: str, backend: str) -> None:
     if backend == "posix":
         if kind == "mutex":
-            posix_ipc.unlink_semaphore(name)
-            posix_ipc.unlink_shared_memory(name + OWNER_SUFFIX)
+            posix_ipc.unlink_shared_memory(name + MUTEX_SUFFIX)
             return
         remove = {"semaphore": posix_ipc.unlink_semaphore,
                   "shm": posix_ipc.unlink_shared_memory,
@@ -125,8 +132,21 @@ def test_zero_length_posix_semaphore_is_refused_not_a_crash() -> None:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.close(fd)
     try:
-        for make in (lambda: Semaphore(1, name), lambda: Mutex(name)):
-            with pytest.raises(ipcfork.ObjectCorruptError, match="too short"):
-                make()
+        with pytest.raises(ipcfork.ObjectCorruptError, match="too short"):
+            Semaphore(1, name)
+    finally:
+        os.unlink(path)
+
+
+def test_zero_length_posix_mutex_is_refused_after_a_bounded_wait() -> None:
+    name = f"/ipcfork-test.{os.getpid()}.empty"
+    path = f"/dev/shm/{name[1:]}{MUTEX_SUFFIX}"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ipcfork.ObjectCorruptError, match="has 0 bytes, a mutex needs"):
+            Mutex(name)
+        assert time.monotonic() - started >= INIT_WAIT * 0.9  # it waited for a creator
     finally:
         os.unlink(path)

@@ -1,0 +1,123 @@
+"""The POSIX backend of :class:`~ipcfork.Mutex` (the default): a robust, process-shared
+pthread mutex from the native core, in a POSIX shared-memory object.
+
+The hot methods (``acquire``, ``release``, ``__enter__``, ``__exit__``) are the core type's
+own: no Python frame on the fast path.  The kernel's robust-futex list releases the mutex
+of a thread that dies holding it, at any instruction, and the next taker is told
+(``previous_owner_died``, ``dead_owner_pid``).  See docs/design.md, "The robust mutex".
+
+A named mutex lives in the shm object ``<name>.mutex`` (``/dev/shm/<name>.mutex``); an
+anonymous one in ``/ipcfork.<pid>.mutex.<random>``, unlinked at birth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import time
+
+from . import errors
+from ._native import BLOCK_SIZE, RobustMutex
+from ._posix import open_posix_shm, unlink_posix_shm
+from ._names import anonymous_posix_name, posix_name
+from .mutex import Mutex
+
+__all__ = ["MUTEX_SUFFIX", "PosixMutex"]
+
+MUTEX_SUFFIX = ".mutex"
+INIT_WAIT = 2.0  # seconds an opener waits for the creator to initialise the mutex
+
+
+class PosixMutex(RobustMutex, Mutex):  # type: ignore[misc]  # RobustMutex is chosen at import
+    """``Mutex(backend="posix")``: see the module docstring and :class:`~ipcfork.Mutex`."""
+
+    __slots__ = ("__weakref__", "_map", "_shm_name", "_what", "anonymous", "backend",
+                 "created", "name")
+
+    def __init__(
+        self,
+        name: str | os.PathLike[str] | None = None,
+        *,
+        backend: str = "posix",
+        create: bool = True,
+        exclusive: bool = False,
+        allow_foreign: bool = False,
+        proj: int | str = "i",
+    ) -> None:
+        del proj  # a SysV notion, accepted for a uniform signature
+        self.backend = "posix"
+        self.name = None if name is None else os.fspath(name)
+        self.anonymous = name is None
+        if name is None:
+            self._shm_name = anonymous_posix_name("mutex")
+            self._what = "Mutex (posix)"
+        else:
+            self._shm_name = posix_name(os.fspath(name)) + MUTEX_SUFFIX
+            self._what = f"Mutex {os.fspath(name)!r} (posix)"
+        self._map: mmap.mmap | None = None
+        fd, size, self.created = open_posix_shm(
+            self._shm_name, BLOCK_SIZE, create=create or self.anonymous,
+            exclusive=exclusive or self.anonymous, allow_foreign=allow_foreign, what=self._what,
+            track=not self.anonymous)
+        try:
+            self._map = self._map_block(fd, size)
+            if self.anonymous:
+                unlink_posix_shm(self._shm_name, self._what)  # lives while mapped: no leak
+            self._attach()
+        except BaseException:
+            if self._map is not None:
+                self._map.close()
+            if self.created and not self.anonymous:
+                with contextlib.suppress(errors.IpcforkError):
+                    unlink_posix_shm(self._shm_name, self._what)
+            raise
+        finally:
+            os.close(fd)
+
+    def _map_block(self, fd: int, size: int) -> mmap.mmap:
+        """Map the object, waiting (bounded) while a creator has not sized it yet.
+
+        Raises ObjectCorruptError if it stays too small to hold a mutex.
+        """
+        deadline = time.monotonic() + INIT_WAIT
+        while size < BLOCK_SIZE:
+            if time.monotonic() >= deadline:
+                raise errors.ObjectCorruptError(
+                    f"{self._what} has {size} bytes, a mutex needs {BLOCK_SIZE}: its creator "
+                    f"did not finish making it within {INIT_WAIT} s (it may have died)",
+                    obj=self._what, backend="posix", limit=f"{INIT_WAIT} s")
+            time.sleep(0.001)  # waiting on another process's progress: nothing to block on
+            size = os.fstat(fd).st_size
+        return mmap.mmap(fd, BLOCK_SIZE)
+
+    def _attach(self) -> None:
+        """Initialise a new block, or wait (bounded) for its creator to have done so.
+
+        Raises ObjectCorruptError if it holds something else or stays uninitialised.
+        """
+        deadline = time.monotonic() + INIT_WAIT
+        while not self._bind(self._map, 0, self.created, self._what):
+            if time.monotonic() >= deadline:
+                raise errors.ObjectCorruptError(
+                    f"{self._what} was never initialised: its creator did not finish within "
+                    f"{INIT_WAIT} s (it may have died while creating it)",
+                    obj=self._what, backend="posix", limit=f"{INIT_WAIT} s")
+            time.sleep(0.001)
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<Mutex {self._what} closed>"
+        owner = self.owner
+        return f"<Mutex {self._what} {f'locked by {owner}' if owner else 'unlocked'}>"
+
+    def close(self) -> None:
+        if self._map is None:
+            return
+        self._unbind()  # refuses while a thread of this process holds it
+        self._map.close()
+        self._map = None
+
+    def unlink(self) -> None:
+        if not self.anonymous:
+            unlink_posix_shm(self._shm_name, self._what)

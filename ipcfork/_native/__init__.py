@@ -1,0 +1,49 @@
+"""ipcfork's native core: a robust process-shared mutex and 64-bit atomics on shared memory.
+
+The compiled extension ``_core`` (built at install by setuptools from ``_core.c``) is used
+when it was built; otherwise, or with ``IPCFORK_PURE=1`` in the environment, the ctypes
+fallback (``fallback.py``: the same glibc calls on the same memory layout, slower).  A
+process on either path shares a mutex correctly with a process on the other.
+
+:data:`PATH` says which one is in use ("compiled" or "ctypes") and :data:`WHY` why.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .._identity import IDENTITY
+
+__all__ = ["BLOCK_SIZE", "PATH", "WHY", "AtomicWords", "RobustMutex"]
+
+_impl: Any
+if os.environ.get("IPCFORK_PURE", "") not in ("", "0"):
+    from . import fallback as _impl
+
+    PATH, WHY = "ctypes", "IPCFORK_PURE is set"
+else:
+    try:
+        from . import _core as _impl  # type: ignore[attr-defined, no-redef]
+
+        PATH, WHY = "compiled", "the C extension ipcfork._native._core"
+    except ImportError as exc:  # installed without a compiler
+        from . import fallback as _impl
+
+        PATH, WHY = "ctypes", f"the C extension is not built ({exc})"
+
+RobustMutex: Any = _impl.RobustMutex
+AtomicWords: Any = _impl.AtomicWords
+BLOCK_SIZE: int = _impl.BLOCK_SIZE
+# Spinning pays only where the holder can run meanwhile on another core.
+SPINS = 100 if (os.cpu_count() or 1) > 1 else 0
+
+
+def _sync_identity() -> None:
+    # Registered after _identity's own at-fork hook (imported above), so it runs after it.
+    _impl.set_identity(IDENTITY.token, IDENTITY.pid)
+
+
+_sync_identity()
+_impl.set_spin(SPINS)
+os.register_at_fork(after_in_child=_sync_identity)

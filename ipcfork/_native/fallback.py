@@ -1,0 +1,325 @@
+"""The core's fallback where the C extension was not built (or ``IPCFORK_PURE=1``).
+
+The same glibc ``pthread_mutex_*`` calls on the same 128-byte block as ``_core.c`` (see the
+layout there), so a process on this path and one on the compiled path share a mutex
+correctly; only the speed differs (each ctypes call costs about a microsecond).  Atomics
+come from GCC's ``libatomic.so.1`` (see :mod:`ipcfork._native.libatomic`).
+
+ctypes releases the GIL around each libc call, and a timed-out wait slice returns to Python
+code, where the interpreter runs pending signal handlers: a handler that raises ends the
+wait, as on the compiled path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import math
+import os
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+from ..errors import (
+    BufferInUseError,
+    DeadlockError,
+    InvalidArgumentError,
+    NotOwnerError,
+    ObjectClosedError,
+    ObjectCorruptError,
+)
+from .libatomic import AtomicWords
+
+__all__ = ["BLOCK_SIZE", "AtomicWords", "RobustMutex", "set_identity", "set_spin"]
+
+BLOCK_SIZE = 128
+_MAGIC_WORD, _TOKEN_WORD, _RECOVERIES_WORD = 8, 9, 10  # 64-bit word indexes in the block
+MUTEX_MAGIC = 0x3178746D63667069  # b"ipcfmtx1", little-endian, as in _core.c
+_FUTEX_TID_MASK = 0x3FFFFFFF
+_SLICE = 0.02  # seconds: a waiter runs Python signal handlers at least this often
+_PTHREAD_PROCESS_SHARED, _PTHREAD_MUTEX_ROBUST, _PTHREAD_MUTEX_ERRORCHECK = 1, 1, 2
+_CLOCK_MONOTONIC = time.CLOCK_MONOTONIC
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_trylock = _libc.pthread_mutex_trylock
+_unlock = _libc.pthread_mutex_unlock
+_consistent = _libc.pthread_mutex_consistent
+_clocklock = getattr(_libc, "pthread_mutex_clocklock", None)  # glibc >= 2.30
+_timedlock = _libc.pthread_mutex_timedlock
+_trylock.argtypes = _unlock.argtypes = _consistent.argtypes = [ctypes.c_void_p]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_timedlock.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Timespec)]
+if _clocklock is not None:
+    _clocklock.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
+
+_process = {"token": 0, "pid": 0}
+
+
+def set_identity(token: int, pid: int) -> None:
+    """The calling process's token and pid (refreshed after every fork)."""
+    _process["token"], _process["pid"] = token, pid
+
+
+def set_spin(spins: int) -> None:
+    """Accepted for the compiled path's sake: polling through ctypes would cost more than
+    the sleep it saves, so this path never spins."""
+    if not 0 <= spins <= 1_000_000:
+        raise InvalidArgumentError("spin count must be in 0..1000000")
+
+
+def _timeout_seconds(timeout: object) -> float | None:
+    """As ``_timeouts.check_timeout``: None (or inf) for forever."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidArgumentError(
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidArgumentError(f"timeout must be >= 0 seconds, not {timeout!r}",
+                                   limit=">= 0")
+    return None if math.isinf(timeout) else float(timeout)
+
+
+class RobustMutex:
+    """The ctypes twin of ``_core.RobustMutex``: same block, same methods, same errors."""
+
+    __slots__ = ("_address", "_anchor", "_dead_token", "_holder", "_recovered", "_words",
+                 "_what")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass  # as the C type: attached later by _bind
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RobustMutex:
+        self = object.__new__(cls)
+        self._anchor: Any = None
+        self._words: memoryview | None = None
+        self._address = 0
+        self._holder: tuple[int, int] | None = None  # (pid, thread ident) through this handle
+        self._recovered = False
+        self._dead_token = 0
+        self._what = "Mutex"
+        return self
+
+    # -- binding ----------------------------------------------------------------------------
+
+    def _bind(self, buffer: Any, offset: int, create: bool, what: str) -> bool:
+        if self._words is not None:
+            raise RuntimeError("this handle is bound already")
+        self._what = what
+        view = memoryview(buffer)
+        if (view.readonly or offset < 0 or view.nbytes < BLOCK_SIZE
+                or offset > view.nbytes - BLOCK_SIZE):
+            view.release()
+            raise InvalidArgumentError(
+                f"{what}: a mutex block needs {BLOCK_SIZE} bytes at an 8-byte aligned offset; "
+                f"offset {offset} of a {len(buffer)}-byte buffer does not fit", obj=what,
+                backend="posix")
+        anchor = ctypes.c_char.from_buffer(view, offset)  # keeps the buffer exported
+        address = ctypes.addressof(anchor)
+        words = view[offset:offset + BLOCK_SIZE].cast("Q")
+        view.release()
+        if address % 8:
+            words.release()
+            del anchor
+            raise InvalidArgumentError(f"{what}: the mutex block is not 8-byte aligned",
+                                       obj=what, backend="posix")
+        if create:
+            attr = ctypes.create_string_buffer(64)  # pthread_mutexattr_t is 4 bytes
+            calls = (
+                lambda: _libc.pthread_mutexattr_init(attr),
+                lambda: _libc.pthread_mutexattr_setpshared(attr, _PTHREAD_PROCESS_SHARED),
+                lambda: _libc.pthread_mutexattr_setrobust(attr, _PTHREAD_MUTEX_ROBUST),
+                lambda: _libc.pthread_mutexattr_settype(attr, _PTHREAD_MUTEX_ERRORCHECK),
+            )
+            rc = 0
+            for call in calls:
+                rc = rc or call()
+            if rc == 0:
+                ctypes.memset(address, 0, BLOCK_SIZE)
+                rc = _libc.pthread_mutex_init(ctypes.c_void_p(address), attr)
+            _libc.pthread_mutexattr_destroy(attr)
+            if rc:
+                words.release()
+                del anchor
+                raise OSError(rc, f"{what}: initialise failed: {os.strerror(rc)}")
+            words[_MAGIC_WORD] = MUTEX_MAGIC  # last: openers wait for it
+        else:
+            seen = words[_MAGIC_WORD]
+            if seen != MUTEX_MAGIC:
+                words.release()
+                del anchor
+                if seen == 0:
+                    return False
+                raise ObjectCorruptError(f"{what} does not hold an ipcfork mutex (bad magic)",
+                                         obj=what, backend="posix")
+        self._anchor, self._words, self._address = anchor, words, address
+        self._holder = None
+        return True
+
+    def _unbind(self) -> None:
+        if self._words is None:
+            return
+        if self._holder is not None and self._holder[0] == _process["pid"]:
+            raise BufferInUseError(
+                f"{self._what} is held by a thread of this process: release it before closing",
+                obj=self._what, backend="posix")
+        self._words.release()
+        self._words, self._anchor, self._address = None, None, 0
+
+    def _block(self) -> memoryview:
+        if self._words is None:
+            raise ObjectClosedError(f"{self._what} is closed in this process", obj=self._what,
+                                    backend="posix")
+        return self._words
+
+    def _futex_tid(self) -> int:
+        return self._block()[0] & 0xFFFFFFFF & _FUTEX_TID_MASK
+
+    # -- taking and giving back -----------------------------------------------------------
+
+    def _took(self, rc: int) -> None:
+        words = self._block()
+        if rc == errno.EOWNERDEAD:
+            self._dead_token = words[_TOKEN_WORD]
+            self._recovered = True
+            _consistent(self._address)
+            words[_RECOVERIES_WORD] += 1  # we hold the mutex: nobody else writes it now
+        else:
+            self._recovered, self._dead_token = False, 0
+        words[_TOKEN_WORD] = _process["token"]
+        self._holder = (_process["pid"], threading.get_ident())
+
+    def _failed(self, rc: int) -> None:
+        if rc == errno.EDEADLK:
+            raise DeadlockError(
+                f"{self._what} is already held by this thread: a Mutex is not re-entrant, so "
+                "this acquire could never succeed", obj=self._what, backend="posix")
+        if rc == errno.ENOTRECOVERABLE:
+            raise ObjectCorruptError(
+                f"{self._what} is not recoverable: a holder that found its previous owner "
+                "dead released it without marking it consistent", obj=self._what,
+                backend="posix")
+        raise OSError(rc, f"{self._what}: acquire failed: {os.strerror(rc)}")
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """As the compiled ``RobustMutex.acquire``."""
+        self._block()
+        if timeout is not None and not blocking:
+            raise InvalidArgumentError("a timeout makes no sense with blocking=False",
+                                       obj=self._what, backend="posix")
+        seconds = _timeout_seconds(timeout)
+        rc = _trylock(self._address)
+        if rc in (0, errno.EOWNERDEAD):
+            self._took(rc)
+            return True
+        if rc == errno.EDEADLK and not blocking:
+            return False
+        if rc != errno.EBUSY:
+            self._failed(rc)
+        if not blocking or seconds == 0:
+            return False
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            until = now + _SLICE if deadline is None else min(deadline, now + _SLICE)
+            rc = self._lock_until(until)
+            if rc in (0, errno.EOWNERDEAD):
+                self._took(rc)
+                return True
+            if rc != errno.ETIMEDOUT:
+                self._failed(rc)
+            self._block()  # a signal handler may have closed this handle meanwhile
+
+    def _lock_until(self, until: float) -> int:
+        if _clocklock is not None:
+            stamp = _Timespec(int(until), int((until % 1) * 1e9))
+            return int(_clocklock(self._address, _CLOCK_MONOTONIC, ctypes.byref(stamp)))
+        wall = time.time() + (until - time.monotonic())  # an old glibc: realtime deadline
+        stamp = _Timespec(int(wall), int((wall % 1) * 1e9))
+        return int(_timedlock(self._address, ctypes.byref(stamp)))
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def release(self) -> None:
+        """As the compiled ``RobustMutex.release``."""
+        words = self._block()
+        if self._holder != (_process["pid"], threading.get_ident()):
+            self._not_owner()
+        mine, words[_TOKEN_WORD] = words[_TOKEN_WORD], 0
+        self._holder = None
+        self._recovered, self._dead_token = False, 0
+        rc = _unlock(self._address)
+        if rc == errno.EPERM:  # a stale record: put back the real holder's token
+            if words[_TOKEN_WORD] == 0:
+                words[_TOKEN_WORD] = mine
+            self._not_owner()
+        if rc:
+            raise OSError(rc, f"{self._what}: release failed: {os.strerror(rc)}")
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        self.release()
+        return False
+
+    def _not_owner(self) -> None:
+        token, tid = self._block()[_TOKEN_WORD], self._futex_tid()
+        pid = token & 0xFFFFFFFF
+        if tid and token and pid != _process["pid"]:
+            raise NotOwnerError(
+                f"{self._what} is held by pid {pid}, not by this thread (pid "
+                f"{_process['pid']}); only the holder may release it", obj=self._what,
+                backend="posix")
+        holder = ("nobody" if not tid else "a thread not yet recorded" if not token
+                  else "another thread of this process")
+        raise NotOwnerError(
+            f"{self._what} is held by {holder}, not by this thread (pid {_process['pid']}) "
+            "through this handle; only the holder may release it", obj=self._what,
+            backend="posix")
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def locked(self) -> bool:
+        """True if some thread holds the mutex (a snapshot)."""
+        return self._futex_tid() != 0
+
+    def _held_here(self) -> bool:
+        return self._words is not None and \
+            self._holder == (_process["pid"], threading.get_ident())
+
+    @property
+    def owner(self) -> int | None:
+        """The pid of the holder, or None when unlocked (a snapshot)."""
+        if self._futex_tid() == 0:
+            return None
+        token = self._block()[_TOKEN_WORD]
+        return (token & 0xFFFFFFFF) or None
+
+    @property
+    def previous_owner_died(self) -> bool:
+        """True while this thread holds the mutex and its previous holder died holding it."""
+        return self._held_here() and self._recovered
+
+    @property
+    def dead_owner_pid(self) -> int | None:
+        """The pid of the holder that died, while previous_owner_died is True."""
+        if not (self.previous_owner_died and self._dead_token):
+            return None
+        return self._dead_token & 0xFFFFFFFF
+
+    @property
+    def recoveries(self) -> int:
+        """How many times a taker has found the previous holder dead."""
+        return int(self._block()[_RECOVERIES_WORD])
+
+    @property
+    def _closed(self) -> bool:
+        return self._words is None
