@@ -10,7 +10,9 @@ setup(
     ext_modules=[
         Extension(
             "ipcfork._native._core",
-            ["ipcfork/_native/_core.c"],
+            ["ipcfork/_native/_core.c", "ipcfork/_native/mutex.c", "ipcfork/_native/words.c",
+             "ipcfork/_native/counter.c"],
+            depends=["ipcfork/_native/core.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
             optional=True,
         )

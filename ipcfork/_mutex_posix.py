@@ -18,15 +18,14 @@ import os
 import time
 
 from . import errors
-from ._native import BLOCK_SIZE, RobustMutex
-from ._posix import open_posix_shm, unlink_posix_shm
 from ._names import anonymous_posix_name, posix_name
+from ._native import BLOCK_SIZE, INIT_WAIT, RobustMutex, bind_block
+from ._posix import open_posix_shm, unlink_posix_shm
 from .mutex import Mutex
 
-__all__ = ["MUTEX_SUFFIX", "PosixMutex"]
+__all__ = ["INIT_WAIT", "MUTEX_SUFFIX", "PosixMutex"]
 
 MUTEX_SUFFIX = ".mutex"
-INIT_WAIT = 2.0  # seconds an opener waits for the creator to initialise the mutex
 
 
 class PosixMutex(RobustMutex, Mutex):  # type: ignore[misc]  # RobustMutex is chosen at import
@@ -64,7 +63,7 @@ class PosixMutex(RobustMutex, Mutex):  # type: ignore[misc]  # RobustMutex is ch
             self._map = self._map_block(fd, size)
             if self.anonymous:
                 unlink_posix_shm(self._shm_name, self._what)  # lives while mapped: no leak
-            self._attach()
+            bind_block(self, self._map, 0, self.created, self._what)
         except BaseException:
             if self._map is not None:
                 self._map.close()
@@ -90,20 +89,6 @@ class PosixMutex(RobustMutex, Mutex):  # type: ignore[misc]  # RobustMutex is ch
             time.sleep(0.001)  # waiting on another process's progress: nothing to block on
             size = os.fstat(fd).st_size
         return mmap.mmap(fd, BLOCK_SIZE)
-
-    def _attach(self) -> None:
-        """Initialise a new block, or wait (bounded) for its creator to have done so.
-
-        Raises ObjectCorruptError if it holds something else or stays uninitialised.
-        """
-        deadline = time.monotonic() + INIT_WAIT
-        while not self._bind(self._map, 0, self.created, self._what):
-            if time.monotonic() >= deadline:
-                raise errors.ObjectCorruptError(
-                    f"{self._what} was never initialised: its creator did not finish within "
-                    f"{INIT_WAIT} s (it may have died while creating it)",
-                    obj=self._what, backend="posix", limit=f"{INIT_WAIT} s")
-            time.sleep(0.001)
 
     def __repr__(self) -> str:
         if self._closed:

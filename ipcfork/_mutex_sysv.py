@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from types import TracebackType
 from typing import Any
 
 import sysv_ipc
@@ -69,10 +70,10 @@ class SysvMutex(Mutex):
         self.backend = "sysv"
         self.name = None if name is None else os.fspath(name)
         self._held: int = 0
-        self._sem = _open_sem("Mutex", 1, name, backend="sysv", create=create,
-                              exclusive=exclusive, allow_foreign=allow_foreign, proj=proj,
-                              undo=True)
-        assert isinstance(self._sem, SysvSemaphore)  # _open_sem makes what backend names
+        sem = _open_sem("Mutex", 1, name, backend="sysv", create=create, exclusive=exclusive,
+                        allow_foreign=allow_foreign, proj=proj, undo=True)
+        assert isinstance(sem, SysvSemaphore)  # _open_sem makes what backend names
+        self._sem = sem
         self._what = self._sem.what
         self._foreign = False
         self._php_user = 0
@@ -168,7 +169,8 @@ class SysvMutex(Mutex):
 
     release.__doc__ = Mutex.release.__doc__
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         # release() inlined: a second Python call would cost as much as the release itself.
         if self._held is not _ident.token:
             self._not_owner()

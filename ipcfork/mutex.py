@@ -70,6 +70,30 @@ class Mutex:
         child of the holder does not)."""
         raise NotImplementedError  # pragma: no cover
 
+    def __enter__(self) -> bool:
+        """Take the mutex, waiting as long as it takes."""
+        raise NotImplementedError  # pragma: no cover
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Give the mutex back."""
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def owner(self) -> int | None:
+        """The pid of the holder, or None when unlocked (a snapshot)."""
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def previous_owner_died(self) -> bool:
+        """True while the caller holds the mutex and its previous holder died holding it."""
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def dead_owner_pid(self) -> int | None:
+        """The pid of the holder that died, while :attr:`previous_owner_died` is True (None
+        if it died before it could record itself)."""
+        raise NotImplementedError  # pragma: no cover
+
     def locked(self) -> bool:
         """True if someone holds the mutex (a snapshot)."""
         raise NotImplementedError  # pragma: no cover

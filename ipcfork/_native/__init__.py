@@ -11,11 +11,13 @@ process on either path shares a mutex correctly with a process on the other.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from .._identity import IDENTITY
 
-__all__ = ["BLOCK_SIZE", "PATH", "WHY", "AtomicWords", "RobustMutex"]
+__all__ = ["BLOCK_SIZE", "INIT_WAIT", "PATH", "WHY", "AtomicWords", "CounterCore", "RobustMutex",
+           "bind_block"]
 
 _impl: Any
 if os.environ.get("IPCFORK_PURE", "") not in ("", "0"):
@@ -34,7 +36,9 @@ else:
 
 RobustMutex: Any = _impl.RobustMutex
 AtomicWords: Any = _impl.AtomicWords
+CounterCore: Any = _impl.CounterCore
 BLOCK_SIZE: int = _impl.BLOCK_SIZE
+INIT_WAIT = 2.0  # seconds an opener waits for a creator to initialise a mutex block
 # Spinning pays only where the holder can run meanwhile on another core.
 SPINS = 100 if (os.cpu_count() or 1) > 1 else 0
 
@@ -47,3 +51,21 @@ def _sync_identity() -> None:
 _sync_identity()
 _impl.set_spin(SPINS)
 os.register_at_fork(after_in_child=_sync_identity)
+
+
+def bind_block(mutex: Any, buffer: Any, offset: int, create: bool, what: str) -> None:
+    """Bind ``mutex`` to the block at ``offset``: initialise it (``create``), or wait, at
+    most :data:`INIT_WAIT` seconds, for its creator to have done so.
+
+    Raises ObjectCorruptError if the block holds something else or stays uninitialised.
+    """
+    deadline = time.monotonic() + INIT_WAIT
+    while not mutex._bind(buffer, offset, create, what):
+        if time.monotonic() >= deadline:
+            from ..errors import ObjectCorruptError
+
+            raise ObjectCorruptError(
+                f"{what} was never initialised: its creator did not finish within "
+                f"{INIT_WAIT} s (it may have died while creating it)",
+                obj=what, backend="posix", limit=f"{INIT_WAIT} s")
+        time.sleep(0.001)  # another process's progress: there is nothing to block on

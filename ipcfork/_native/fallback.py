@@ -18,6 +18,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -31,7 +32,7 @@ from ..errors import (
 )
 from .libatomic import AtomicWords
 
-__all__ = ["BLOCK_SIZE", "AtomicWords", "RobustMutex", "set_identity", "set_spin"]
+__all__ = ["BLOCK_SIZE", "AtomicWords", "CounterCore", "RobustMutex", "set_identity", "set_spin"]
 
 BLOCK_SIZE = 128
 _MAGIC_WORD, _TOKEN_WORD, _RECOVERIES_WORD = 8, 9, 10  # 64-bit word indexes in the block
@@ -89,18 +90,33 @@ def _timeout_seconds(timeout: object) -> float | None:
 class RobustMutex:
     """The ctypes twin of ``_core.RobustMutex``: same block, same methods, same errors."""
 
-    __slots__ = ("_address", "_anchor", "_dead_token", "_holder", "_recovered", "_words",
-                 "_what")
+    __slots__ = (
+        "_address",
+        "_anchor",
+        "_dead_token",
+        "_holder",
+        "_recovered",
+        "_what",
+        "_words",
+    )
+
+    _anchor: Any
+    _words: memoryview | None
+    _address: int
+    _holder: tuple[int, int] | None  # (pid, thread ident) holding it through this handle
+    _recovered: bool
+    _dead_token: int
+    _what: str
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass  # as the C type: attached later by _bind
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RobustMutex:
         self = object.__new__(cls)
-        self._anchor: Any = None
-        self._words: memoryview | None = None
+        self._anchor = None
+        self._words = None
         self._address = 0
-        self._holder: tuple[int, int] | None = None  # (pid, thread ident) through this handle
+        self._holder = None
         self._recovered = False
         self._dead_token = 0
         self._what = "Mutex"
@@ -131,7 +147,7 @@ class RobustMutex:
                                        obj=what, backend="posix")
         if create:
             attr = ctypes.create_string_buffer(64)  # pthread_mutexattr_t is 4 bytes
-            calls = (
+            calls: tuple[Callable[[], int], ...] = (
                 lambda: _libc.pthread_mutexattr_init(attr),
                 lambda: _libc.pthread_mutexattr_setpshared(attr, _PTHREAD_PROCESS_SHARED),
                 lambda: _libc.pthread_mutexattr_setrobust(attr, _PTHREAD_MUTEX_ROBUST),
@@ -266,9 +282,8 @@ class RobustMutex:
             raise OSError(rc, f"{self._what}: release failed: {os.strerror(rc)}")
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+                 tb: TracebackType | None) -> None:
         self.release()
-        return False
 
     def _not_owner(self) -> None:
         token, tid = self._block()[_TOKEN_WORD], self._futex_tid()
@@ -323,3 +338,38 @@ class RobustMutex:
     @property
     def _closed(self) -> bool:
         return self._words is None
+
+
+class CounterCore:
+    """The ctypes twin of ``_core.CounterCore``: no fast path of its own, every call goes to
+    the counter's Python paths (which are complete)."""
+
+    __slots__ = ()
+
+    def _counter_bind(self, buffer: Any, pending: int, mode: int, frozen_sum: int) -> None:
+        pass
+
+    def _counter_unbind(self) -> None:
+        pass
+
+    def _cache_lane(self, word: int, pin: int, pinned: bool) -> None:
+        pass
+
+    def _uncache_lane(self) -> None:
+        pass
+
+    def add(self, n: int = 1) -> None:
+        """Add ``n`` (default 1).  Never blocks, never loses an update.
+
+        Raises InvalidArgumentError if ``n`` is not an int in the int64 range,
+        ObjectClosedError once closed.
+        """
+        self._add_slow(n)  # type: ignore[attr-defined]
+
+    def add_and_get(self, n: int = 1) -> int:
+        """Add ``n`` and return the new total, as one linearizable step.
+
+        Raises InvalidArgumentError if ``n`` is not an int in the int64 range,
+        ObjectClosedError once closed.
+        """
+        return self._add_and_get_slow(n)  # type: ignore[attr-defined, no-any-return]

@@ -15,6 +15,11 @@ Three kinds of guard:
 ``flock-inherited`` is broken on purpose and never run unless named: a descriptor opened
 before ``fork`` is one open file description shared by the whole family, and ``flock`` locks
 belong to the description, so every worker "holds" the lock at once.
+
+``semaphore-sysv`` and ``posix-sem`` (``posix_ipc`` used directly, no ipcfork) are *extra*:
+they race like ``semaphore`` and are not in the default sweep of the race scenarios, but the
+``crash`` scenario runs them by default (a holder's death leaves both taken).  A *robust*
+guard is one ipcfork promises survives a holder killed by SIGKILL: wedging is its failure.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
+import posix_ipc
+
+from .._names import anonymous_posix_name
 from ..errors import InvalidArgumentError
 from ..mutex import Mutex
 from ..semaphore import Semaphore
@@ -59,6 +67,8 @@ class GuardSpec:
     kind: str
     description: str
     broken: bool = False  # shown for contrast: it claims to guard but excludes nobody
+    extra: bool = False  # run only when named (or by the crash scenario's defaults)
+    robust: bool = False  # ipcfork promises it survives a holder's SIGKILL
 
     @property
     def guarded(self) -> bool:
@@ -68,17 +78,23 @@ class GuardSpec:
 
 GUARDS: dict[str, GuardSpec] = {spec.name: spec for spec in (
     GuardSpec("none", "none", "no guard: read, (window), write"),
-    GuardSpec("mutex-posix", "lock", "ipcfork.Mutex(backend='posix')"),
-    GuardSpec("mutex-sysv", "lock", "ipcfork.Mutex(backend='sysv')"),
+    GuardSpec("mutex-posix", "lock", "ipcfork.Mutex(backend='posix')", robust=True),
+    GuardSpec("mutex-sysv", "lock", "ipcfork.Mutex(backend='sysv')", robust=True),
     GuardSpec("semaphore", "lock", "ipcfork.Semaphore(1) used as a lock"),
-    GuardSpec("counter", "atomic", "ipcfork.SharedCounter.add: one atomic add per update"),
+    GuardSpec("semaphore-sysv", "lock", "ipcfork.Semaphore(1, backend='sysv') used as a lock",
+              extra=True),
+    GuardSpec("counter", "atomic", "ipcfork.SharedCounter.add: one atomic add per update",
+              robust=True),
+    GuardSpec("posix-sem", "lock", "posix_ipc.Semaphore(1) used directly as a lock",
+              extra=True),
     GuardSpec("mp-lock", "lock", "multiprocessing.Lock (fork context)"),
     GuardSpec("flock", "lock", "fcntl.flock on a descriptor each worker opens after fork"),
     GuardSpec("flock-inherited", "lock",
               "fcntl.flock on ONE descriptor opened before fork (broken on purpose)",
               broken=True),
 )}
-DEFAULT_GUARDS = tuple(name for name, spec in GUARDS.items() if not spec.broken)
+DEFAULT_GUARDS = tuple(name for name, spec in GUARDS.items()
+                       if not spec.broken and not spec.extra)
 ALL_GUARDS = tuple(GUARDS)
 
 
@@ -180,10 +196,12 @@ def make_lock(name: str, stack: contextlib.ExitStack) -> LockHandle:
         mutex = Mutex(backend=name.removeprefix("mutex-"))
         stack.callback(mutex.close)
         return LockHandle(mutex, lambda t: mutex.acquire(timeout=t), mutex.release)
-    if name == "semaphore":
-        sem = Semaphore(1)
+    if name in ("semaphore", "semaphore-sysv"):
+        sem = Semaphore(1, backend="sysv" if name == "semaphore-sysv" else "posix")
         stack.callback(sem.close)
         return LockHandle(sem, lambda t: sem.acquire(timeout=t), sem.release)
+    if name == "posix-sem":
+        return _plain_posix_semaphore(stack)
     if name == "mp-lock":
         # The fork context's semaphore is unlinked at birth: nothing can be left behind.
         lock = multiprocessing.get_context("fork").Lock()
@@ -195,6 +213,23 @@ def make_lock(name: str, stack: contextlib.ExitStack) -> LockHandle:
     raise InvalidArgumentError(f"guard {name!r} is not a lock",
                                limit="a lock guard: " + ", ".join(
                                    n for n, s in GUARDS.items() if s.kind == "lock"))
+
+
+def _plain_posix_semaphore(stack: contextlib.ExitStack) -> LockHandle:
+    """A ``posix_ipc.Semaphore`` with value 1, unlinked at birth (forked workers share the
+    mapping; nothing is left behind whatever happens), used with no ipcfork code around it."""
+    sem = posix_ipc.Semaphore(anonymous_posix_name("sem"), posix_ipc.O_CREX, 0o600, 1)
+    stack.callback(sem.close)
+    sem.unlink()
+
+    def acquire(timeout: float) -> bool:
+        try:
+            sem.acquire(timeout)
+        except posix_ipc.BusyError:
+            return False
+        return True
+
+    return LockHandle(sem, acquire, sem.release)
 
 
 class AtomicCounter(Protocol):
@@ -218,13 +253,16 @@ def unavailable(name: str) -> str | None:
     if guard_spec(name).kind == "atomic":
         if _shared_counter_class() is None:
             return "ipcfork.SharedCounter is not available in this version of ipcfork"
-        from .._atomic import atomics
+        from .._native import PATH
         from ..errors import IpcforkError
 
-        try:
-            atomics()
-        except IpcforkError as exc:  # no libatomic, or no lock-free 8-byte atomics
-            return str(exc)
+        if PATH == "ctypes":  # the fallback's atomics need libatomic
+            from .._native.libatomic import load_libatomic
+
+            try:
+                load_libatomic()
+            except IpcforkError as exc:  # no libatomic, or no lock-free 8-byte atomics
+                return str(exc)
     return None
 
 

@@ -1,0 +1,29 @@
+/* Shared declarations of ipcfork's compiled core (see _core.c for the overview). */
+#ifndef IPCFORK_CORE_H
+#define IPCFORK_CORE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+
+/* The calling process's token (pid | start time << 32) and pid, set from Python at import
+ * and after every fork (ipcfork._native.__init__). */
+extern uint64_t process_token;
+extern long process_pid;
+extern int spin_count;
+
+extern PyObject *InvalidArgumentError, *NotOwnerError, *ObjectCorruptError, *ObjectClosedError,
+    *DeadlockError, *BufferInUseError;
+
+/* Raise ``cls(message, obj=what, backend="posix")``. */
+void raise_ipc(PyObject *cls, PyObject *what, const char *format, ...);
+void raise_errno(int code, PyObject *what, const char *operation);
+double monotonic_now(void);
+int parse_timeout(PyObject *timeout, double *seconds);
+/* An exact int within int64 into *out; -1 with InvalidArgumentError (or TypeError) set. */
+int as_int64(PyObject *value, int64_t *out);
+
+extern PyType_Spec mutex_spec, words_spec, counter_spec;
+
+#endif
