@@ -11,7 +11,7 @@ setup(
         Extension(
             "ipcfork._native._core",
             ["ipcfork/_native/_core.c", "ipcfork/_native/mutex.c", "ipcfork/_native/words.c",
-             "ipcfork/_native/counter.c"],
+             "ipcfork/_native/counter.c", "ipcfork/_native/sysvlock.c"],
             depends=["ipcfork/_native/core.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
             optional=True,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from types import TracebackType
 from typing import Any
 
 import sysv_ipc
@@ -25,6 +24,7 @@ from . import errors
 from ._common import on_creator_exit
 from ._identity import IDENTITY, token_pid
 from ._libc import sem_member_exists
+from ._native import SysvLockCore
 from ._sysv import IPC_NOWAIT, SEM_UNDO, SysvSemaphore, open_sysv_shm, semop
 from ._timeouts import check_timeout
 from .mutex import Mutex
@@ -38,18 +38,21 @@ _PHP_GUARD_WAIT = 10.0  # seconds to wait for PHP's sem_get init guard
 _ident = IDENTITY  # one global load + one slot load on the fast path
 
 
-class SysvMutex(Mutex):
-    """``Mutex(backend="sysv")``: see the module docstring and :class:`~ipcfork.Mutex`."""
+class SysvMutex(SysvLockCore, Mutex):  # type: ignore[misc]  # SysvLockCore: chosen at import
+    """``Mutex(backend="sysv")``: see the module docstring and :class:`~ipcfork.Mutex`.
+
+    ``acquire``, ``release``, ``__enter__`` and ``__exit__`` are the native core's
+    (``SysvLockCore``): a signal handler cannot run between taking the semaphore and
+    recording the holder, nor between the start of a release and the semop that gives it
+    back.  Timed and non-blocking acquires come back here, to ``_acquire_slowly``.
+    """
 
     __slots__ = (
         "__weakref__",
         "_finalizer",
         "_foreign",
-        "_held",
         "_owner",
         "_php_user",
-        "_raw_acquire",
-        "_raw_release",
         "_sem",
         "_state",
         "_what",
@@ -69,7 +72,6 @@ class SysvMutex(Mutex):
     ) -> None:
         self.backend = "sysv"
         self.name = None if name is None else os.fspath(name)
-        self._held: int = 0
         sem = _open_sem("Mutex", 1, name, backend="sysv", create=create, exclusive=exclusive,
                         allow_foreign=allow_foreign, proj=proj, undo=True)
         assert isinstance(sem, SysvSemaphore)  # _open_sem makes what backend names
@@ -83,9 +85,7 @@ class SysvMutex(Mutex):
             self._drop_sem()
             raise
         self._owner = memoryview(self._state).cast("Q")
-        raw = self._sem.raw
-        self._raw_acquire = raw.acquire
-        self._raw_release = raw.release
+        self._sysv_bind(self._sem.semid, self._state, self._what)
         self._finalizer = on_creator_exit(self, _remove_anonymous, self._sem)
         if not (self._sem.created and self._sem.anonymous):
             self._finalizer.detach()
@@ -139,43 +139,7 @@ class SysvMutex(Mutex):
         state = f"locked by {owner}" if owner else "unlocked"
         return f"<Mutex {self._what} {state}>"
 
-    # -- taking and giving back -------------------------------------------------------------
-
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        if blocking and timeout is None:  # the fast path: one blocking semop with SEM_UNDO
-            try:
-                self._raw_acquire()
-                owner = self._owner
-                if owner[0]:
-                    self._took()  # the previous holder died holding it
-                else:
-                    owner[0] = self._held = _ident.token
-            except sysv_ipc.Error:  # interrupted by a signal, or removed: the slow path sorts
-                return self._acquire_slowly(blocking, timeout)
-            except BaseException:  # a handler raised just after the semop: give it back
-                self._give_back()
-                raise
-            return True
-        return self._acquire_slowly(blocking, timeout)
-
-    acquire.__doc__ = Mutex.acquire.__doc__
-    __enter__ = acquire
-
-    def release(self) -> None:
-        if self._held is not _ident.token:  # identity: the fast check; _not_owner re-checks
-            self._not_owner()
-        self._held = self._owner[0] = 0
-        self._raw_release()
-
-    release.__doc__ = Mutex.release.__doc__
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        # release() inlined: a second Python call would cost as much as the release itself.
-        if self._held is not _ident.token:
-            self._not_owner()
-        self._held = self._owner[0] = 0
-        self._raw_release()
+    # -- taking and giving back (the fast paths are SysvLockCore's) ----------------------------
 
     def _acquire_slowly(self, blocking: bool, timeout: float | None) -> bool:
         if self._state is None:
@@ -189,24 +153,8 @@ class SysvMutex(Mutex):
         self._took()
         return True
 
-    def _took(self) -> None:
-        """Record this process as the holder after taking the semaphore."""
-        owner = self._owner
-        previous = owner[0]
-        # A clean release zeroes the word first: a token left here is a dead holder's.
-        self._held = _Recovered(_ident.token, previous) if previous else _ident.token
-        owner[0] = _ident.token
-
-    def _give_back(self) -> None:
-        """Release a semaphore taken by the fast path that then failed (a raising signal
-        handler, or a handle closed meanwhile)."""
-        with contextlib.suppress(Exception):  # the owner word may be unmapped (closed)
-            self._held = self._owner[0] = 0
-        self._raw_release()
-
     def _not_owner(self) -> None:
-        if self._held == _ident.token:
-            return  # a recovered holding (an equal int, not the same object)
+        """Raise NotOwnerError (the core calls this when this process does not hold it)."""
         holder = self.owner
         raise errors.NotOwnerError(
             f"{self._what} is held by "
@@ -217,15 +165,6 @@ class SysvMutex(Mutex):
         )
 
     # -- queries and lifetime -----------------------------------------------------------------
-
-    @property
-    def previous_owner_died(self) -> bool:
-        return type(self._held) is _Recovered
-
-    @property
-    def dead_owner_pid(self) -> int | None:
-        held = self._held
-        return held.dead_pid if type(held) is _Recovered else None
 
     @property
     def owner(self) -> int | None:
@@ -250,6 +189,7 @@ class SysvMutex(Mutex):
             return
         self._finalizer()
         self._leave_php_users()
+        self._sysv_unbind()
         self._owner.release()
         if not self._foreign:
             with contextlib.suppress(sysv_ipc.Error):
@@ -269,17 +209,6 @@ class SysvMutex(Mutex):
                     finally:
                         segment.detach()  # opening attached it
         self._sem.unlink()
-
-
-class _Recovered(int):
-    """This process's token, marking a holding whose previous owner died."""
-
-    dead_pid: int
-
-    def __new__(cls, token: int, dead_token: int) -> _Recovered:
-        self = super().__new__(cls, token)
-        self.dead_pid = token_pid(dead_token)
-        return self
 
 
 def _remove_anonymous(sem: SysvSemaphore) -> None:

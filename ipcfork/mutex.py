@@ -46,7 +46,7 @@ class Mutex:
             if backend == "posix":
                 from ._mutex_posix import PosixMutex as implementation
             else:
-                from ._mutex_sysv import SysvMutex as implementation  # type: ignore[assignment]
+                from ._mutex_sysv import SysvMutex as implementation
             self: Mutex = implementation.__new__(implementation, name, backend=backend,
                                                  **options)
             return self

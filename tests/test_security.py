@@ -145,7 +145,7 @@ def test_zero_length_posix_mutex_is_refused_after_a_bounded_wait() -> None:
     os.close(fd)
     try:
         started = time.monotonic()
-        with pytest.raises(ipcfork.ObjectCorruptError, match="has 0 bytes, a mutex needs"):
+        with pytest.raises(ipcfork.ObjectCorruptError, match="0 bytes"):
             Mutex(name)
         assert time.monotonic() - started >= INIT_WAIT * 0.9  # it waited for a creator
     finally:

@@ -17,7 +17,7 @@ from typing import Any
 from .._identity import IDENTITY
 
 __all__ = ["BLOCK_SIZE", "INIT_WAIT", "PATH", "WHY", "AtomicWords", "CounterCore", "RobustMutex",
-           "bind_block"]
+           "SysvLockCore", "bind_block"]
 
 _impl: Any
 if os.environ.get("IPCFORK_PURE", "") not in ("", "0"):
@@ -37,6 +37,7 @@ else:
 RobustMutex: Any = _impl.RobustMutex
 AtomicWords: Any = _impl.AtomicWords
 CounterCore: Any = _impl.CounterCore
+SysvLockCore: Any = _impl.SysvLockCore
 BLOCK_SIZE: int = _impl.BLOCK_SIZE
 INIT_WAIT = 2.0  # seconds an opener waits for a creator to initialise a mutex block
 # Spinning pays only where the holder can run meanwhile on another core.

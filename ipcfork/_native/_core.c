@@ -206,6 +206,12 @@ module_exec(PyObject *module)
         return -1;
     }
     Py_DECREF(counter_type);
+    PyObject *sysv_type = PyType_FromModuleAndSpec(module, &sysv_lock_spec, NULL);
+    if (sysv_type == NULL || PyModule_AddObjectRef(module, "SysvLockCore", sysv_type) < 0) {
+        Py_XDECREF(sysv_type);
+        return -1;
+    }
+    Py_DECREF(sysv_type);
     if (PyModule_AddIntConstant(module, "BLOCK_SIZE", 128) < 0 ||
         PyModule_AddIntConstant(module, "SIZEOF_PTHREAD_MUTEX", sizeof(pthread_mutex_t)) < 0)
         return -1;

@@ -24,6 +24,6 @@ int parse_timeout(PyObject *timeout, double *seconds);
 /* An exact int within int64 into *out; -1 with InvalidArgumentError (or TypeError) set. */
 int as_int64(PyObject *value, int64_t *out);
 
-extern PyType_Spec mutex_spec, words_spec, counter_spec;
+extern PyType_Spec mutex_spec, words_spec, counter_spec, sysv_lock_spec;
 
 #endif

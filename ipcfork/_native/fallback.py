@@ -30,9 +30,12 @@ from ..errors import (
     ObjectClosedError,
     ObjectCorruptError,
 )
+from .fallback_sysv import SysvLockCore
+from .fallback_sysv import _process as _sysv_process
 from .libatomic import AtomicWords
 
-__all__ = ["BLOCK_SIZE", "AtomicWords", "CounterCore", "RobustMutex", "set_identity", "set_spin"]
+__all__ = ["BLOCK_SIZE", "AtomicWords", "CounterCore", "RobustMutex", "SysvLockCore",
+           "set_identity", "set_spin"]
 
 BLOCK_SIZE = 128
 _MAGIC_WORD, _TOKEN_WORD, _RECOVERIES_WORD = 8, 9, 10  # 64-bit word indexes in the block
@@ -65,6 +68,7 @@ _process = {"token": 0, "pid": 0}
 def set_identity(token: int, pid: int) -> None:
     """The calling process's token and pid (refreshed after every fork)."""
     _process["token"], _process["pid"] = token, pid
+    _sysv_process["token"], _sysv_process["pid"] = token, pid
 
 
 def set_spin(spins: int) -> None:
