@@ -15,14 +15,14 @@ import time
 from typing import Any
 
 from .._identity import IDENTITY
+from . import fallback
 
 __all__ = ["BLOCK_SIZE", "INIT_WAIT", "PATH", "WHY", "AtomicWords", "CounterCore", "RobustMutex",
            "SysvLockCore", "bind_block"]
 
 _impl: Any
 if os.environ.get("IPCFORK_PURE", "") not in ("", "0"):
-    from . import fallback as _impl
-
+    _impl = fallback
     PATH, WHY = "ctypes", "IPCFORK_PURE is set"
 else:
     try:
@@ -30,8 +30,7 @@ else:
 
         PATH, WHY = "compiled", "the C extension ipcfork._native._core"
     except ImportError as exc:  # installed without a compiler
-        from . import fallback as _impl
-
+        _impl = fallback
         PATH, WHY = "ctypes", f"the C extension is not built ({exc})"
 
 RobustMutex: Any = _impl.RobustMutex
@@ -46,7 +45,10 @@ SPINS = 100 if (os.cpu_count() or 1) > 1 else 0
 
 def _sync_identity() -> None:
     # Registered after _identity's own at-fork hook (imported above), so it runs after it.
+    # Both paths learn it: a process may use the fallback's types beside compiled ones.
     _impl.set_identity(IDENTITY.token, IDENTITY.pid)
+    if _impl is not fallback:
+        fallback.set_identity(IDENTITY.token, IDENTITY.pid)
 
 
 _sync_identity()
