@@ -20,18 +20,22 @@ from . import fallback
 __all__ = ["BLOCK_SIZE", "INIT_WAIT", "PATH", "WHY", "AtomicWords", "CounterCore", "RobustMutex",
            "SysvLockCore", "bind_block"]
 
+_compiled: Any
+try:
+    from . import _core as _compiled  # type: ignore[attr-defined, no-redef]
+except ImportError as exc:  # installed without a compiler
+    _compiled, _why_not = None, str(exc)
+
 _impl: Any
 if os.environ.get("IPCFORK_PURE", "") not in ("", "0"):
     _impl = fallback
     PATH, WHY = "ctypes", "IPCFORK_PURE is set"
+elif _compiled is None:
+    _impl = fallback
+    PATH, WHY = "ctypes", f"the C extension is not built ({_why_not})"
 else:
-    try:
-        from . import _core as _impl  # type: ignore[attr-defined, no-redef]
-
-        PATH, WHY = "compiled", "the C extension ipcfork._native._core"
-    except ImportError as exc:  # installed without a compiler
-        _impl = fallback
-        PATH, WHY = "ctypes", f"the C extension is not built ({exc})"
+    _impl = _compiled
+    PATH, WHY = "compiled", "the C extension ipcfork._native._core"
 
 RobustMutex: Any = _impl.RobustMutex
 AtomicWords: Any = _impl.AtomicWords
@@ -45,10 +49,10 @@ SPINS = 100 if (os.cpu_count() or 1) > 1 else 0
 
 def _sync_identity() -> None:
     # Registered after _identity's own at-fork hook (imported above), so it runs after it.
-    # Both paths learn it: a process may use the fallback's types beside compiled ones.
-    _impl.set_identity(IDENTITY.token, IDENTITY.pid)
-    if _impl is not fallback:
-        fallback.set_identity(IDENTITY.token, IDENTITY.pid)
+    # Both paths learn it: a process may use one path's types beside the other's.
+    for module in (_compiled, fallback):
+        if module is not None:
+            module.set_identity(IDENTITY.token, IDENTITY.pid)
 
 
 _sync_identity()

@@ -140,13 +140,13 @@ class RobustMutex:
                 f"{what}: a mutex block needs {BLOCK_SIZE} bytes at an 8-byte aligned offset; "
                 f"offset {offset} of a {len(buffer)}-byte buffer does not fit", obj=what,
                 backend="posix")
-        anchor = ctypes.c_char.from_buffer(view, offset)  # keeps the buffer exported
-        address = ctypes.addressof(anchor)
         words = view[offset:offset + BLOCK_SIZE].cast("Q")
         view.release()
+        anchor = ctypes.c_char.from_buffer(words)  # keeps the buffer exported while bound
+        address = ctypes.addressof(anchor)
         if address % 8:
-            words.release()
             del anchor
+            words.release()
             raise InvalidArgumentError(f"{what}: the mutex block is not 8-byte aligned",
                                        obj=what, backend="posix")
         if create:
@@ -165,15 +165,15 @@ class RobustMutex:
                 rc = _libc.pthread_mutex_init(ctypes.c_void_p(address), attr)
             _libc.pthread_mutexattr_destroy(attr)
             if rc:
-                words.release()
                 del anchor
+                words.release()
                 raise OSError(rc, f"{what}: initialise failed: {os.strerror(rc)}")
             words[_MAGIC_WORD] = MUTEX_MAGIC  # last: openers wait for it
         else:
             seen = words[_MAGIC_WORD]
             if seen != MUTEX_MAGIC:
-                words.release()
                 del anchor
+                words.release()
                 if seen == 0:
                     return False
                 raise ObjectCorruptError(f"{what} does not hold an ipcfork mutex (bad magic)",
@@ -189,8 +189,9 @@ class RobustMutex:
             raise BufferInUseError(
                 f"{self._what} is held by a thread of this process: release it before closing",
                 obj=self._what, backend="posix")
+        self._anchor = None  # its export first, or the view could not be released
         self._words.release()
-        self._words, self._anchor, self._address = None, None, 0
+        self._words, self._address = None, 0
 
     def _block(self) -> memoryview:
         if self._words is None:
