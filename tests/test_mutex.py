@@ -227,13 +227,20 @@ def test_ctrl_c_in_a_tight_with_loop_never_leaks_the_lock(backend: str) -> None:
     class Tick(Exception):
         pass
 
+    armed = [False]
+
     def on_alarm(signum: int, frame: object) -> None:
-        signal.setitimer(signal.ITIMER_REAL, 0)  # one Tick at a time, even on a busy machine
-        raise Tick
+        # One Tick per arming: on a busy machine a second SIGALRM may already be pending
+        # when the first is handled, and must not fire inside the except block.
+        if armed[0]:
+            armed[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise Tick
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     interrupts = 0
     try:
+        armed[0] = True
         signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
         while interrupts < 200:
             try:
@@ -242,10 +249,10 @@ def test_ctrl_c_in_a_tight_with_loop_never_leaks_the_lock(backend: str) -> None:
                         pass
             except Tick:
                 interrupts += 1
-                signal.setitimer(signal.ITIMER_REAL, 0)
                 # Neither held with no owner nor left held by us: the with statement (or
                 # the fast path's give-back) must have released it.
                 assert not mutex.locked(), f"interrupt {interrupts} left {mutex!r}"
+                armed[0] = True
                 signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
