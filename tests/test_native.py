@@ -387,3 +387,24 @@ def test_random_sigkills_never_wedge_the_mutex(backend: str) -> None:
     counter.release()
     shm.close()
     lock.close()
+
+
+# -- which path is in use ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pure", ["1", ""])
+def test_ipcfork_info_says_which_core_is_in_use(pure: str) -> None:
+    """``ipcfork info`` prints what docs/primitives.md says it prints."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "IPCFORK_PURE": pure}
+    shown = subprocess.run([sys.executable, "-m", "ipcfork", "info"], env=env, check=True,
+                           capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert shown[0].startswith(f"ipcfork {ipcfork.__version__} on Python ")
+    if pure:
+        assert shown[1] == "core: ctypes (IPCFORK_PURE is set)"
+    elif compiled is not None:
+        assert shown[1] == "core: compiled (the C extension ipcfork._native._core)"
+    else:
+        assert shown[1].startswith("core: ctypes (the C extension is not built")

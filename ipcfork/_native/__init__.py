@@ -23,8 +23,8 @@ __all__ = ["BLOCK_SIZE", "INIT_WAIT", "PATH", "WHY", "AtomicWords", "CounterCore
 _compiled: Any
 try:
     from . import _core as _compiled  # type: ignore[attr-defined, no-redef]
-except ImportError as exc:  # installed without a compiler
-    _compiled, _why_not = None, str(exc)
+except ImportError:  # installed without a compiler
+    _compiled = None
 
 _impl: Any
 if os.environ.get("IPCFORK_PURE", "") not in ("", "0"):
@@ -32,7 +32,7 @@ if os.environ.get("IPCFORK_PURE", "") not in ("", "0"):
     PATH, WHY = "ctypes", "IPCFORK_PURE is set"
 elif _compiled is None:
     _impl = fallback
-    PATH, WHY = "ctypes", f"the C extension is not built ({_why_not})"
+    PATH, WHY = "ctypes", "the C extension is not built: no C compiler at install?"
 else:
     _impl = _compiled
     PATH, WHY = "compiled", "the C extension ipcfork._native._core"
