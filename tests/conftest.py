@@ -1,13 +1,17 @@
 """Autouse guards around every test: no leaked IPC object, no child left (live or zombie),
-signal handlers restored; plus the ``backend`` fixture and fork helpers."""
+signal handlers restored; plus the ``backend`` fixture, fork helpers, and
+``wait_until_blocked`` / ``signal_once_blocked``, which prove through /proc that a wait has
+begun before a test wakes or interrupts it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import select
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -71,6 +75,108 @@ def reap(pid: int, timeout: float = 30.0) -> int:
         raise AssertionError(f"child {pid} did not finish within {timeout} s")
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+# The system calls a thread sleeps in while it waits on an IPC object, by machine: a POSIX
+# semaphore waits in futex (sem_wait, sem_timedwait), a SysV one in semtimedop (glibc's semop
+# calls it too), queues in msgrcv/msgsnd (SysV) or mq_timedreceive/mq_timedsend (POSIX).
+_WAIT_SYSCALLS: dict[str, dict[int, str]] = {
+    "x86_64": {202: "futex", 65: "semop", 220: "semtimedop", 69: "msgsnd", 70: "msgrcv",
+               242: "mq_timedsend", 243: "mq_timedreceive"},
+    "aarch64": {98: "futex", 193: "semop", 192: "semtimedop", 189: "msgsnd", 188: "msgrcv",
+                182: "mq_timedsend", 183: "mq_timedreceive"},
+}
+
+
+def _mapping_of(tid: int, address: int) -> str | None:
+    """The file mapped at ``address`` in the process of thread ``tid`` (None: anonymous)."""
+    with open(f"/proc/{tid}/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(edge, 16) for edge in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5].strip() if len(fields) == 6 else None
+    return None
+
+
+def blocked_in(tid: int) -> str | None:
+    """The IPC wait thread or process ``tid`` is asleep in right now (for example
+    ``"semtimedop"`` or ``"futex on /dev/shm/sem.x"``), or None if it is not asleep in one.
+
+    A futex counts only on shared memory (a POSIX semaphore, a SysV segment): the futexes of
+    the GIL or of a private lock live in private memory and are not an IPC wait.  Raises
+    AssertionError if ``tid`` has exited.
+    """
+    syscalls = _WAIT_SYSCALLS.get(platform.machine())
+    if syscalls is None:
+        raise AssertionError(f"no table of wait system calls for {platform.machine()}")
+    try:
+        with open(f"/proc/{tid}/stat") as stat:
+            text = stat.read()
+        with open(f"/proc/{tid}/syscall") as current:
+            fields = current.read().split()
+    except FileNotFoundError:
+        raise AssertionError(f"{tid} exited instead of waiting") from None
+    except PermissionError as exc:  # /proc/N/syscall needs ptrace access to N
+        raise AssertionError(f"cannot look into {tid} ({exc}): run the tests as root or "
+                             "with kernel.yama.ptrace_scope=0") from None
+    state = text[text.rindex(")") + 2]
+    if state in "ZX":
+        raise AssertionError(f"{tid} exited instead of waiting")
+    if state != "S" or not fields[0].isdigit():  # running, or not inside a system call
+        return None
+    name = syscalls.get(int(fields[0]))
+    if name != "futex":
+        return name
+    path = _mapping_of(tid, int(fields[1], 16))
+    if path is None or not path.startswith(("/dev/shm/", "/SYSV")):
+        return None
+    return f"futex on {path}"
+
+
+def wait_until_blocked(tid: int, timeout: float = 10.0) -> str:
+    """Poll /proc until thread or process ``tid`` is asleep in an IPC wait (see
+    :func:`blocked_in`) and return what it waits in; AssertionError after ``timeout`` s.
+
+    Tests call this before they release, signal or kill what the waiter waits for, so a
+    waiter that never blocked (or had not begun yet) cannot pass for one that woke up.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = blocked_in(tid)
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{tid} was not seen asleep in an IPC wait within {timeout} s")
+        time.sleep(0.001)  # a poll interval, not a guess: the loop checks the state itself
+
+
+@contextlib.contextmanager
+def signal_once_blocked(signum: int, handler: Any, timeout: float = 10.0) -> Iterator[None]:
+    """Run the block with ``handler`` installed for ``signum`` while a forked watcher waits
+    until this process is asleep in an IPC wait (:func:`wait_until_blocked`) and only then
+    sends it ``signum``.
+
+    On leaving, the watcher is reaped first and the previous handler restored after, so the
+    signal can never land on a restored handler; then AssertionError unless the watcher saw
+    the wait begin and sent the signal.  A watcher that never sees the wait sends nothing.
+    """
+    target = os.getpid()
+
+    def watch() -> None:
+        wait_until_blocked(target, timeout)
+        os.kill(target, signum)
+
+    previous = signal.signal(signum, handler)
+    try:
+        watcher = fork(watch)
+        try:
+            yield
+        finally:
+            status = reap(watcher, timeout + 30)
+    finally:
+        signal.signal(signum, previous)
+    assert status == 0, "the signal was not sent to a wait seen to have begun (see stderr)"
 
 
 class Pipe:

@@ -7,10 +7,17 @@ import signal
 import time
 
 import pytest
-from conftest import Pipe, fork, reap
+from conftest import fork, reap, signal_once_blocked, wait_until_blocked
 
 import ipcfork
 from ipcfork import MessageQueue
+from ipcfork._names import POSIX_PREFIX
+
+
+def _my_spills() -> list[str]:
+    """The spill segments in /dev/shm of queues this process created (named by its pid)."""
+    return [name for name in os.listdir("/dev/shm")
+            if name.startswith(f"{POSIX_PREFIX}{os.getpid()}.spill.")]
 
 
 def test_objects_round_trip(backend: str) -> None:
@@ -55,22 +62,27 @@ def test_get_timeout(backend: str) -> None:
     start = time.monotonic()
     with pytest.raises(ipcfork.QueueEmptyError) as info:
         queue.get(timeout=0.1)
-    assert time.monotonic() - start < 10
+    elapsed = time.monotonic() - start
+    assert elapsed >= 0.1 * 0.9  # it waited: raising at once is not a timeout
+    assert elapsed < 10
     assert isinstance(info.value, TimeoutError)
     queue.close()
 
 
-def test_blocked_get_wakes_on_put(backend: str, pipe: Pipe) -> None:
+def test_blocked_get_wakes_on_put(backend: str) -> None:
     queue = MessageQueue(backend=backend)
+    # A SysV get with a timeout polls (sleeping between tries): no kernel wait to observe,
+    # so the SysV consumer blocks without one (reap's 30 s kill bounds it).
+    timeout = 30 if backend == "posix" else None
 
     def consumer() -> int:
-        pipe.send()
-        return 0 if queue.get(timeout=30) == "wake" else 1
+        return 0 if queue.get(timeout=timeout) == "wake" else 1
 
     child = fork(consumer)
-    pipe.recv()
+    wait_until_blocked(child)  # the put below wakes a waiter, not a late arrival
     queue.put("wake")
     assert reap(child) == 0
+    assert queue.qsize() == 0
     queue.close()
 
 
@@ -78,10 +90,13 @@ def test_put_on_full_posix_queue_times_out_naming_limits() -> None:
     queue = MessageQueue(max_messages=2, max_message_size=64)
     queue.put(1)
     queue.put(2)
+    start = time.monotonic()
     with pytest.raises(ipcfork.QueueFullError, match="max_messages=2"):
         queue.put(3, timeout=0.05)
+    assert time.monotonic() - start >= 0.05 * 0.9  # it waited for room before giving up
     with pytest.raises(ipcfork.QueueFullError):
         queue.put_nowait(b"x" * 1000)  # spilled payload is freed when the put fails
+    assert _my_spills() == []
     assert [queue.get_nowait(), queue.get_nowait()] == [1, 2]
     queue.close()
 
@@ -100,7 +115,9 @@ def test_raw_mode_sends_bytes_and_names_the_limit(backend: str) -> None:
 def test_undelivered_spills_are_freed_on_close(backend: str) -> None:
     queue = MessageQueue(backend=backend)
     queue.put(b"y" * 50_000)
-    queue.close()  # the leak guard fails the test if the spill stayed in /dev/shm
+    assert len(_my_spills()) == 1  # the payload did spill
+    queue.close()
+    assert _my_spills() == []  # and close freed it (the leak guard checks the rest)
 
 
 def test_named_queue_between_handles(backend: str, name: str) -> None:
@@ -115,14 +132,11 @@ def test_named_queue_between_handles(backend: str, name: str) -> None:
 
 def test_keyboard_interrupt_ends_blocking_get(backend: str) -> None:
     queue = MessageQueue(backend=backend)
-    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
-        with pytest.raises(KeyboardInterrupt):
-            queue.get()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    with (signal_once_blocked(signal.SIGUSR1, signal.default_int_handler),
+          pytest.raises(KeyboardInterrupt)):
+        queue.get()
+    queue.put("after")  # the interrupted get took nothing and left the queue usable
+    assert queue.get(timeout=5) == "after"
     queue.close()
 
 
@@ -141,7 +155,9 @@ def test_dropped_anonymous_queue_is_collected_and_removed(backend: str) -> None:
 
     queue = MessageQueue(backend=backend)
     queue.put(b"z" * 50_000)  # a spill that must be freed with it
+    assert len(_my_spills()) == 1
     ref = weakref.ref(queue)
     del queue
     gc.collect()
-    assert ref() is None  # the leak guard then checks the queue and its spill are gone
+    assert ref() is None
+    assert _my_spills() == []  # the leak guard then checks the queue itself is gone

@@ -133,13 +133,18 @@ def test_timeout_terminates_then_kills() -> None:
         time.sleep(60)
 
     with ForkPool(1, timeout=0.2, grace=0.2) as pool:
+        start = time.monotonic()
         future = pool.submit(stubborn)
         with pytest.raises(TaskTimeoutError, match=r"timeout=0\.2"):
             future.result(timeout=30)
+        # SIGTERM after the timeout was ignored: SIGKILL came after the grace as well
+        assert time.monotonic() - start >= (0.2 + 0.2) * 0.9
         assert future.record.signal == signal.SIGKILL and future.record.outcome == "timeout"
+        start = time.monotonic()
         polite = pool.submit(time.sleep, 60)
         with pytest.raises(TaskTimeoutError):
             polite.result(timeout=30)
+        assert time.monotonic() - start >= 0.2 * 0.9  # not ended before its timeout
         assert polite.record.signal == signal.SIGTERM
         _still_works(pool)
 

@@ -62,10 +62,12 @@ def test_worker_crash_fails_only_the_running_task() -> None:
 
 def test_timeout_kills_the_worker_and_spares_the_queue() -> None:
     with ForkPool(1, tasks_per_child=None, timeout=0.3, grace=0.3) as pool:
+        start = time.monotonic()
         slow = pool.submit(time.sleep, 60)
         after = pool.submit(square, 6)
         with pytest.raises(TaskTimeoutError):
             slow.result(timeout=30)
+        assert time.monotonic() - start >= 0.3 * 0.9  # not ended before its timeout
         assert after.result(timeout=30) == 36
 
 
@@ -109,10 +111,12 @@ def test_large_queued_arguments_never_stall_timeouts() -> None:
     """A task with a big argument queued behind a long one must not block the manager:
     the long one still times out on time."""
     with ForkPool(1, tasks_per_child=None, timeout=0.5, grace=0.2) as pool:
+        start = time.monotonic()
         slow = pool.submit(sleep_then, b"", 60)
         big = pool.submit(sleep_then, b"x" * 4_000_000, 0)  # far more than a pipe holds
         with pytest.raises(TaskTimeoutError):
             slow.result(timeout=30)
+        assert time.monotonic() - start >= 0.5 * 0.9  # not ended before its timeout
         assert big.result(timeout=30) == 4_000_000
 
 
