@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import time
 
 from . import errors
 from ._names import anonymous_posix_name, posix_name
@@ -75,19 +74,14 @@ class PosixMutex(RobustMutex, Mutex):  # type: ignore[misc]  # RobustMutex is ch
             os.close(fd)
 
     def _map_block(self, fd: int, size: int) -> mmap.mmap:
-        """Map the object, waiting (bounded) while a creator has not sized it yet.
+        """Map the object (``open_posix_shm`` waited for its creator to size it).
 
-        Raises ObjectCorruptError if it stays too small to hold a mutex.
+        Raises ObjectCorruptError if it is too small to hold a mutex.
         """
-        deadline = time.monotonic() + INIT_WAIT
-        while size < BLOCK_SIZE:
-            if time.monotonic() >= deadline:
-                raise errors.ObjectCorruptError(
-                    f"{self._what} has {size} bytes, a mutex needs {BLOCK_SIZE}: its creator "
-                    f"did not finish making it within {INIT_WAIT} s (it may have died)",
-                    obj=self._what, backend="posix", limit=f"{INIT_WAIT} s")
-            time.sleep(0.001)  # waiting on another process's progress: nothing to block on
-            size = os.fstat(fd).st_size
+        if size < BLOCK_SIZE:
+            raise errors.ObjectCorruptError(
+                f"{self._what} has {size} bytes, a mutex needs {BLOCK_SIZE}: it is not an "
+                "ipcfork mutex", obj=self._what, backend="posix", limit=f">= {BLOCK_SIZE} bytes")
         return mmap.mmap(fd, BLOCK_SIZE)
 
     def __repr__(self) -> str:
