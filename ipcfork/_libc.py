@@ -3,6 +3,8 @@
 Used on slow paths only (a ctypes call costs about a microsecond here):
 
 * ``semtimedop``: the sysv_ipc wheel is built without it, so its timed acquire blocks forever.
+* ``semget`` with three members (sysv_ipc makes one-member sets; PHP's ``sem_get`` needs
+  three) and ``semctl`` queries of members other than the first.
 * ``sem_timedwait`` on our own mapping of a POSIX semaphore, and ``mq_timedsend`` /
   ``mq_timedreceive`` on a queue descriptor: posix_ipc runs Python signal handlers inside
   its blocking calls and then replaces whatever the handler raised (KeyboardInterrupt
@@ -28,8 +30,12 @@ __all__ = [
     "mq_timedreceive",
     "mq_timedsend",
     "sem_close",
+    "sem_getval",
+    "sem_member_exists",
+    "sem_member_info",
     "sem_open",
     "sem_timedwait",
+    "semget",
     "semtimedop",
 ]
 
@@ -62,6 +68,7 @@ _TS = ctypes.POINTER(_Timespec)
 _semtimedop = _bind(_libc, "semtimedop", ctypes.c_int, ctypes.c_int,
                     ctypes.POINTER(_Sembuf), ctypes.c_size_t, _TS)
 _semctl = _bind(_libc, "semctl", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int)
+_semget = _bind(_libc, "semget", ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int)
 _sem_open = _bind(_libc, "sem_open", ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int)
 _sem_close = _bind(_libc, "sem_close", ctypes.c_int, ctypes.c_void_p)
 _sem_wait = _bind(_libc, "sem_wait", ctypes.c_int, ctypes.c_void_p)
@@ -71,7 +78,7 @@ _mq_timedsend = _bind(_librt, "mq_timedsend", ctypes.c_int, ctypes.c_int, ctypes
 _mq_timedreceive = _bind(_librt, "mq_timedreceive", ctypes.c_ssize_t, ctypes.c_int,
                          ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint), _TS)
 _SEM_FAILED = ctypes.c_void_p(-1).value
-GETVAL = 12
+GETPID, GETVAL, GETNCNT, GETZCNT = 11, 12, 14, 15
 
 
 def _relative(timeout: float) -> ctypes._Pointer[_Timespec]:
@@ -109,9 +116,36 @@ def semtimedop(semid: int, ops: list[tuple[int, int, int]], timeout: float | Non
     return _outcome(_semtimedop(semid, array, len(ops), spec), errno.EAGAIN)
 
 
+def semget(key: int, nsems: int, flags: int) -> int:
+    """``semget(key, nsems, flags)``: the set's id.  Raises OSError (EEXIST, ENOSPC, ...)."""
+    semid = int(_semget(ctypes.c_int(key & 0xFFFFFFFF).value, nsems, flags))
+    if semid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return semid
+
+
+def sem_getval(semid: int, member: int) -> int:
+    """The value of member ``member`` of SysV set ``semid``.  Raises OSError."""
+    value = int(_semctl(semid, member, GETVAL))
+    if value < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return value
+
+
 def sem_member_exists(semid: int, member: int) -> bool:
     """True if SysV semaphore set ``semid`` has member number ``member``."""
     return bool(_semctl(semid, member, GETVAL) >= 0)
+
+
+def sem_member_info(semid: int, member: int) -> tuple[int, int, int] | None:
+    """``(last operating pid, processes waiting for an increase, waiting for zero)`` of
+    member ``member`` of SysV set ``semid``; None if the set or member does not exist."""
+    values = [_semctl(semid, member, command) for command in (GETPID, GETNCNT, GETZCNT)]
+    if min(values) < 0:
+        return None
+    return values[0], values[1], values[2]
 
 
 def sem_open(name: str) -> int:

@@ -6,9 +6,10 @@ at once.  A clean release zeroes the owner word *before* giving the semaphore ba
 next holder finding a token there knows the previous owner died holding the mutex.
 
 A named mutex's owner word lives in its own segment, key ``ftok(path, proj ^ 0x80)``, so it
-never lands in a segment the user named alike.  A semaphore set that another program made
-(PHP's ``sem_get``) has no owner word: ``owner`` then comes from the kernel's last-operation
-pid and owner death is not reported (the kernel still releases it).
+never lands in a segment the user named alike.  A named mutex's semaphore set has PHP's
+``sem_get`` layout (see ``_sysv``), so PHP can join it.  A set that PHP made has no owner
+word: ``owner`` then comes from the kernel's last-operation pid and owner death is not
+reported (the kernel still releases it).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import sysv_ipc
 from . import errors
 from ._common import on_creator_exit
 from ._identity import IDENTITY, token_pid
-from ._libc import sem_member_exists
 from ._native import SysvLockCore
-from ._sysv import IPC_NOWAIT, SEM_UNDO, SysvSemaphore, open_sysv_shm, semop
+from ._sysv import SysvSemaphore, open_sysv_shm
 from ._timeouts import check_timeout
 from .mutex import Mutex
 from .semaphore import _open_sem
@@ -34,7 +34,6 @@ __all__ = ["OWNER_KEY_FLIP", "SysvMutex"]
 
 _STATE_SIZE = mmap.PAGESIZE
 OWNER_KEY_FLIP = 0x80 << 24  # the owner word's key: ftok(path, proj ^ 0x80), proj the top byte
-_PHP_GUARD_WAIT = 10.0  # seconds to wait for PHP's sem_get init guard
 _ident = IDENTITY  # one global load + one slot load on the fast path
 
 
@@ -52,7 +51,6 @@ class SysvMutex(SysvLockCore, Mutex):  # type: ignore[misc]  # SysvLockCore: cho
         "_finalizer",
         "_foreign",
         "_owner",
-        "_php_user",
         "_sem",
         "_state",
         "_what",
@@ -72,67 +70,50 @@ class SysvMutex(SysvLockCore, Mutex):  # type: ignore[misc]  # SysvLockCore: cho
     ) -> None:
         self.backend = "sysv"
         self.name = None if name is None else os.fspath(name)
+        # The creator keeps the set's init guard until the owner word exists: openers wait
+        # for the guard, then tell an ipcfork set (owner word) from PHP's (none).
         sem = _open_sem("Mutex", 1, name, backend="sysv", create=create, exclusive=exclusive,
-                        allow_foreign=allow_foreign, proj=proj, undo=True)
+                        allow_foreign=allow_foreign, proj=proj, undo=True, hold_guard=True)
         assert isinstance(sem, SysvSemaphore)  # _open_sem makes what backend names
         self._sem = sem
         self._what = self._sem.what
         self._foreign = False
-        self._php_user = 0
         try:
             self._state: Any = self._open_state(create or self._sem.created, allow_foreign)
+            self._owner = memoryview(self._state).cast("Q")
+            if self._sem.created:
+                self._owner[0] = 0  # a word left by an earlier set under this key is stale
+            self._sem.release_guard()
         except BaseException:
             self._drop_sem()
             raise
-        self._owner = memoryview(self._state).cast("Q")
         self._sysv_bind(self._sem.semid, self._state, self._what)
         self._finalizer = on_creator_exit(self, _remove_anonymous, self._sem)
         if not (self._sem.created and self._sem.anonymous):
             self._finalizer.detach()
 
     def _open_state(self, create: bool, allow_foreign: bool) -> Any:
-        """Open the shared word holding the owner's token."""
+        """Open the shared word holding the owner's token.
+
+        A set in PHP's layout that another process made has an owner word if ipcfork made
+        it (its creator made the word before lowering the init guard, which we have passed
+        since); if not, PHP's ``sem_get`` made it: there is no owner word, and a segment
+        under the set's key is that program's data, which we must not write into, so the
+        owner is tracked locally.
+        """
         sem = self._sem
-        if not sem.created and sem_member_exists(sem.semid, 1):
-            # ipcfork's sets have one member; a larger one was made by another program (PHP's
-            # sem_get makes three).  Its owner has no owner word, and a segment under the same
-            # key is that program's data, which we must not write into: track locally.
-            self._foreign = True
-            if sem_member_exists(sem.semid, 2):
-                self._join_php_users()
-            return bytearray(8)
         key = None if sem.anonymous else sem.key ^ OWNER_KEY_FLIP
+        if not sem.created and sem.php_layout:
+            try:
+                raw, _ = open_sysv_shm(key, _STATE_SIZE, create=False, exclusive=False,
+                                       allow_foreign=allow_foreign, what=self._what)
+            except errors.ObjectNotFoundError:
+                self._foreign = True
+                return bytearray(8)
+            return raw
         raw, _ = open_sysv_shm(key, _STATE_SIZE, create=create, exclusive=False,
                                allow_foreign=allow_foreign, what=self._what)
         return raw
-
-    def _join_php_users(self) -> None:
-        """Count ourselves among the users of a PHP ``sem_get`` set, as PHP does.
-
-        PHP resets the lock to its maximum whenever ``sem_get`` finds the usage count (member
-        1) at zero, which would break a lock we hold; so we take part in its protocol: wait
-        for member 2 (an init guard) to be zero and raise it, add one to the usage count,
-        lower the guard, all with SEM_UNDO so a SIGKILL undoes our share.
-
-        Raises WaitTimeoutError if the guard stays taken for 10 s.
-        """
-        semid = self._sem.semid
-        if not semop(semid, [(2, 0, 0), (2, 1, SEM_UNDO)], _PHP_GUARD_WAIT, self._what,
-                     "join PHP users"):
-            raise errors.WaitTimeoutError(
-                f"{self._what}: PHP's init guard (member 2) stayed taken",
-                obj=self._what, backend="sysv", limit=f"{_PHP_GUARD_WAIT} s")
-        semop(semid, [(2, -1, SEM_UNDO), (1, 1, SEM_UNDO)], None, self._what,
-              "join PHP users")
-        self._php_user = _ident.pid
-
-    def _leave_php_users(self) -> None:
-        # Only the process that joined carries the SEM_UNDO adjustment to balance.
-        if self._php_user == _ident.pid:
-            self._php_user = 0
-            with contextlib.suppress(errors.IpcforkError):
-                semop(self._sem.semid, [(1, -1, SEM_UNDO | IPC_NOWAIT)], 0, self._what,
-                      "leave PHP users")
 
     def __repr__(self) -> str:
         owner = self.owner
@@ -188,7 +169,6 @@ class SysvMutex(SysvLockCore, Mutex):  # type: ignore[misc]  # SysvLockCore: cho
         if self._state is None:
             return
         self._finalizer()
-        self._leave_php_users()
         self._sysv_unbind()
         self._owner.release()
         if not self._foreign:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Any
 
 import posix_ipc
@@ -25,6 +26,7 @@ from .errors import (
     InvalidArgumentError,
     LimitExceededError,
     ObjectClosedError,
+    ObjectCorruptError,
     ObjectExistsError,
     ObjectNotFoundError,
 )
@@ -32,6 +34,7 @@ from .errors import (
 __all__ = ["PosixSemaphore", "open_posix_shm", "resolve_posix_name", "unlink_posix_shm"]
 
 SEM_VALUE_MAX: int = posix_ipc.SEMAPHORE_VALUE_MAX
+INIT_WAIT = 2.0  # seconds an opener waits for a creator to size a new shm object
 
 
 def resolve_posix_name(name: str | None, kind: str) -> tuple[str, bool]:
@@ -185,7 +188,9 @@ def open_posix_shm(
     """Create or open a POSIX shared memory object; return ``(fd, size, created)``.
 
     A new object is zero-filled and its pages are reserved with ``posix_fallocate`` so a
-    full ``/dev/shm`` is an error now rather than a SIGBUS later.
+    full ``/dev/shm`` is an error now rather than a SIGBUS later.  Opening an object its
+    creator has not sized yet waits for that (up to ``INIT_WAIT`` s), then raises
+    ObjectCorruptError; UnsafeObjectError for a foreign object (unless ``allow_foreign``).
     """
     if create or exclusive:
         if size is None:
@@ -225,10 +230,33 @@ def open_posix_shm(
     st = os.fstat(fd)
     try:
         check_owner(st.st_uid, st.st_mode, what, "posix", allow_foreign=allow_foreign)
+        size = st.st_size or _wait_sized(fd, name, what)
     except BaseException:
         os.close(fd)
         raise
-    return fd, st.st_size, False
+    return fd, size, False
+
+
+def _wait_sized(fd: int, name: str, what: str) -> int:
+    """The size of an object found empty, once its creator has sized it.
+
+    A creator sizes a new object right after ``shm_open`` (``posix_fallocate`` sets the
+    size in one step); an opener in between sees 0 bytes.  Waits up to ``INIT_WAIT`` s
+    (there is nothing to block on: poll).  Raises ObjectCorruptError naming the object
+    and the limit if it stays empty (its creator died before sizing it).
+    """
+    deadline = time.monotonic() + INIT_WAIT
+    while True:
+        size = os.fstat(fd).st_size
+        if size:
+            return size
+        if time.monotonic() >= deadline:
+            raise ObjectCorruptError(
+                f"{what} (/dev/shm{name}) is still empty (0 bytes) {INIT_WAIT} s after "
+                "opening: its creator did not size it (it may have died while creating "
+                "it); unlink it and create it again",
+                obj=what, backend="posix", limit=f"{INIT_WAIT} s for the creator to size it")
+        time.sleep(0.001)
 
 
 def unlink_posix_shm(name: str, what: str) -> None:

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import posix_ipc
@@ -23,6 +23,7 @@ import sysv_ipc
 
 from ._identity import IDENTITY, process_alive, token_alive, token_pid
 from ._names import POSIX_PREFIX
+from ._usage import PosixUsers, sysv_usage
 from .errors import UnsafeObjectError
 
 __all__ = ["Record", "clean", "forget", "list_objects", "remember", "runtime_dir"]
@@ -77,7 +78,7 @@ def forget(backend: str, kind: str, ident: str) -> None:
 
 @dataclass(frozen=True)
 class Record:
-    """One ipcfork object found on this machine."""
+    """One ipcfork object found on this machine, and who uses it (see ``_usage``)."""
 
     backend: str
     kind: str
@@ -86,6 +87,23 @@ class Record:
     creator_alive: bool
     exists: bool
     source: str  # "registry" or "scan"
+    users: tuple[int, ...] = ()  # live processes seen using it (not this one)
+    attached: int = 0  # SysV: processes attached (shm); waiting or counted users (semaphore)
+
+    @property
+    def in_use(self) -> bool:
+        """True if some live process is seen using the object."""
+        return self.exists and bool(self.users or self.attached)
+
+    @property
+    def state(self) -> str:
+        """``gone`` (the object no longer exists), ``live`` (its creator runs), ``in use``
+        (its creator is dead but others use it) or ``orphan`` (nobody is seen using it)."""
+        if not self.exists:
+            return "gone"
+        if self.creator_alive:
+            return "live"
+        return "in use" if self.in_use else "orphan"
 
 
 _SYSV_TABLES = {"semaphore": "/proc/sysvipc/sem", "shm": "/proc/sysvipc/shm",
@@ -132,6 +150,16 @@ def _posix_exists(kind: str, ident: str) -> bool:
 _SCAN = re.compile(r"^(sem\.)?" + re.escape(POSIX_PREFIX) + r"(\d+)\.")
 
 
+def _with_usage(record: Record, posix_users: PosixUsers) -> Record:
+    if not record.exists:
+        return record
+    if record.backend == "sysv":
+        users, attached = sysv_usage(record.kind, record.ident)
+    else:
+        users, attached = posix_users.users(record.kind, record.ident), 0
+    return replace(record, users=users, attached=attached)
+
+
 def _scan_dev_shm() -> list[Record]:
     found = []
     for directory, kind in (("/dev/shm", None), ("/dev/mqueue", "queue")):
@@ -150,7 +178,8 @@ def _scan_dev_shm() -> list[Record]:
 
 
 def list_objects() -> list[Record]:
-    """Every ipcfork object this user's registry knows of, plus tagged POSIX names."""
+    """Every ipcfork object this user's registry knows of, plus tagged POSIX names, with
+    the live processes seen using each."""
     records: list[Record] = []
     seen: set[tuple[str, str, str]] = set()
     with contextlib.suppress(OSError):
@@ -177,7 +206,8 @@ def list_objects() -> list[Record]:
             )
             seen.add((backend, kind, ident))
     records += [r for r in _scan_dev_shm() if (r.backend, r.kind, r.ident) not in seen]
-    return records
+    posix_users = PosixUsers()
+    return [_with_usage(record, posix_users) for record in records]
 
 
 def _remove(record: Record) -> None:
@@ -199,18 +229,26 @@ def _remove(record: Record) -> None:
             remover(record.ident)
 
 
-def clean(*, include_live: bool = False) -> list[Record]:
-    """Remove ipcfork objects whose creator is dead (or all of them with ``include_live``).
+def clean(*, include_live: bool = False,
+          force: bool = False) -> tuple[list[Record], list[Record]]:
+    """Remove ipcfork objects whose creator is dead (``include_live``: of live creators too).
 
-    Returns the records acted on.  Records of objects that no longer exist are dropped.
+    An object some live process is seen using (SysV segment attached; SysV semaphore or
+    queue last used or waited on by a live process; POSIX object open or mapped: see
+    ``_usage``) is kept unless ``force``.  Returns ``(acted, kept)``: the records acted on
+    (removed, or forgotten when the object was already gone: their records are dropped)
+    and those kept because in use.
     """
-    acted = []
+    acted, kept = [], []
     for record in list_objects():
         if record.creator_alive and not include_live:
+            continue
+        if record.in_use and not force:
+            kept.append(record)
             continue
         if record.exists:
             _remove(record)
         if record.source == "registry":
             forget(record.backend, record.kind, record.ident)
         acted.append(record)
-    return acted
+    return acted, kept

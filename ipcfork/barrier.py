@@ -4,11 +4,17 @@ shared memory per counter.
 Two gates alternate by generation: a fast process that passes round *g* and arrives at round
 *g+1* waits on the other gate, so it can never take a wake-up meant for a slow process still
 leaving round *g*.
+
+``reset()`` and ``abort()`` end a round with waiters as *broken*: they wake its waiters
+through its gate, mark the gate's generation broken (so the woken raise BrokenBarrierError,
+as with ``threading.Barrier``) and move on to the next generation.  Until the woken parties
+have taken their wake-ups (the gate's *pending* count), no later round parks on that gate.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from types import TracebackType
 
 from ._common import check_count, describe
@@ -21,8 +27,15 @@ from .shm import SharedMemory
 
 __all__ = ["Barrier"]
 
+# The shared words: arrivals this round, the round (generation), the broken flag, the number
+# of parties; then per gate (by the parity of the generation): the last generation that
+# ended broken on it (+1), and how many of its wake-ups its woken parties have not taken.
 _COUNT, _GEN, _BROKEN, _PARTIES = range(4)
+_BROKE = 4  # and 5
+_PENDING = 6  # and 7
+_WORDS = 8
 MAX_PARTIES = 32767  # a SysV semaphore cannot count further (SEMVMX)
+_DRAIN_PAUSE, _DRAIN_PAUSE_MAX = 0.0005, 0.005  # seconds; see Barrier.wait
 
 
 class Barrier:
@@ -62,7 +75,14 @@ class Barrier:
                 return {"name": f"{os.fspath(name)}{suffix}"}
             return {"name": name, "proj": base + offset}
 
-        self._shm = SharedMemory(8 * 4, **part("", 0), **opts)  # type: ignore[arg-type]
+        self._shm = SharedMemory(8 * _WORDS, **part("", 0), **opts)  # type: ignore[arg-type]
+        if self._shm.size < 8 * _WORDS:
+            size = self._shm.size
+            self._shm.close()
+            raise InvalidArgumentError(
+                f"{self._what}: its state segment has {size} bytes, not {8 * _WORDS} (made "
+                "by an older ipcfork?)", obj=self._what, backend=backend,
+                limit=f"size >= {8 * _WORDS}")
         self._state = self._shm.buf.cast("Q")
         self._lock = Mutex(**part(".lock", 1), **opts)  # type: ignore[arg-type]
         self._gates = (
@@ -97,68 +117,116 @@ class Barrier:
     def wait(self, timeout: float | None = None) -> int:
         """Wait for all parties; return this party's arrival index (0 .. parties-1).
 
-        Raises BrokenBarrierError if the barrier is or becomes broken, including when
-        ``timeout`` seconds pass first (which breaks it for every party, as in threading).
+        Raises BrokenBarrierError if the barrier is or becomes broken (:meth:`abort`, or a
+        party dying while it held the barrier's lock), if :meth:`reset` is called while this
+        party waits, and when ``timeout`` seconds pass first (which breaks it for every
+        party, as in threading).
         """
         deadline = Deadline(check_timeout(timeout))
+        st = self._state
+        pause = _DRAIN_PAUSE
+        while True:
+            arrival = self._arrive(deadline)
+            if arrival is not None:
+                break
+            # Parties woken by a reset or abort of an earlier round have not all taken their
+            # wake-ups from the gate this round would use; parking there now could take
+            # one.  Rare (two resets while a woken party has not run yet): poll.
+            remaining = deadline.remaining()
+            if remaining == 0.0:
+                self.abort()
+                raise self._broken_error(f"timed out after {timeout} s")
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(2 * pause, _DRAIN_PAUSE_MAX)
+        generation, index, passed = arrival
+        if passed:
+            return index
+        parity = generation % 2
+        gate = self._gates[parity]
+        if gate.acquire(timeout=deadline.remaining()):
+            self._check_passed(generation)
+            return index
+        with self._lock:
+            if st[_GEN] == generation:  # still open: our timeout breaks it for everyone
+                st[_COUNT] -= 1
+                self._break_locked()
+                raise self._broken_error(f"timed out after {timeout} s")
+        # The round ended (passed or broken) just as we timed out: our wake-up is on the gate.
+        gate.acquire()
+        self._check_passed(generation)
+        return index
+
+    def _arrive(self, deadline: Deadline) -> tuple[int, int, bool] | None:
+        """Under the lock: count this party in; ``(generation, index, passed)``, or None
+        while the gate this round uses still holds wake-ups of a broken round."""
         st = self._state
         if not self._lock.acquire(timeout=deadline.remaining()):
             self.abort()
             raise self._broken_error("timed out waiting for the barrier's lock")
         try:
-            if st[_BROKEN] or self._lock.previous_owner_died:
-                st[_BROKEN] = 1
+            if self._lock.previous_owner_died:
+                self._break_locked()  # a party died mid-update: nobody may pass this round
+            if st[_BROKEN]:
                 raise self._broken_error("the barrier is broken")
-            generation = st[_GEN]
-            index = st[_COUNT]
-            if index + 1 == self.parties:
-                st[_COUNT] = 0
-                st[_GEN] = generation + 1
-                if self.parties > 1:
-                    self._gates[generation % 2].release(self.parties - 1)
-                return int(index)
-            st[_COUNT] = index + 1
+            generation = int(st[_GEN])
+            if st[_PENDING + generation % 2]:
+                return None
+            index = int(st[_COUNT])
+            if index + 1 < self.parties:
+                st[_COUNT] = index + 1
+                return generation, index, False
+            st[_COUNT] = 0
+            st[_GEN] = generation + 1
+            if self.parties > 1:
+                self._gates[generation % 2].release(self.parties - 1)
+            return generation, index, True
         finally:
             self._lock.release()
-        gate = self._gates[generation % 2]
-        if gate.acquire(timeout=deadline.remaining()):
-            if st[_GEN] == generation:  # woken by a break, not by the last arrival
-                raise self._broken_error("the barrier was broken while waiting")
-            return int(index)
+
+    def _check_passed(self, generation: int) -> None:
+        """After taking a wake-up of ``generation``: return if the round passed; raise
+        BrokenBarrierError if a reset or abort ended it (its wake-up now taken)."""
+        st = self._state
+        parity = generation % 2
+        if st[_BROKE + parity] != generation + 1:
+            return
         with self._lock:
-            if st[_GEN] != generation:
-                gate.acquire()  # the last party arrived just as we timed out: take our token
-                return int(index)
-            if st[_BROKEN]:
-                gate.acquire()  # whoever broke it left a wake-up for us: take it
-            else:
-                self._break_locked()
-        raise self._broken_error(f"timed out after {timeout} s")
+            st[_PENDING + parity] -= 1
+        raise self._broken_error("the barrier was reset or broken while waiting")
 
     def _break_locked(self) -> None:
+        """End the current round as broken (its waiters raise) and mark the barrier broken."""
+        self._end_round_broken()
+        self._state[_BROKEN] = 1
+
+    def _end_round_broken(self) -> None:
         st = self._state
-        st[_BROKEN] = 1
         waiting = int(st[_COUNT])
+        if not waiting:
+            return
+        # Wake those parked on this generation's gate; they find the round marked broken.
+        # The next round uses the other gate, so it cannot take these wake-ups.
+        generation = int(st[_GEN])
+        parity = generation % 2
+        st[_BROKE + parity] = generation + 1
+        st[_PENDING + parity] += waiting
         st[_COUNT] = 0
-        if waiting:
-            # Wake those still parked on this generation's gate; they see BROKEN and raise.
-            self._gates[st[_GEN] % 2].release(waiting)
+        st[_GEN] = generation + 1
+        self._gates[parity].release(waiting)
 
     def abort(self) -> None:
-        """Break the barrier: current and future waiters raise BrokenBarrierError."""
+        """Break the barrier: current and future waiters raise BrokenBarrierError (until
+        :meth:`reset`)."""
         with self._lock:
             self._break_locked()
 
     def reset(self) -> None:
-        """Return a broken barrier to its initial, unbroken state."""
+        """Return the barrier to its initial, unbroken state, as ``threading.Barrier`` does:
+        parties waiting now raise BrokenBarrierError; later calls to :meth:`wait` start a
+        new round."""
         with self._lock:
-            st = self._state
-            for gate in self._gates:
-                while gate.acquire(blocking=False):
-                    pass
-            st[_COUNT] = 0
-            st[_BROKEN] = 0
-            st[_GEN] = st[_GEN] + 1
+            self._end_round_broken()
+            self._state[_BROKEN] = 0
 
     def _broken_error(self, why: str) -> BrokenBarrierError:
         return BrokenBarrierError(f"{self._what}: {why}", obj=self._what)

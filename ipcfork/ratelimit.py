@@ -15,6 +15,7 @@ import os
 import time
 from types import TracebackType
 
+from ._common import describe
 from ._timeouts import Deadline, check_timeout
 from .errors import InvalidArgumentError
 from .mutex import companion_lock
@@ -23,6 +24,7 @@ from .shm import SharedMemory
 __all__ = ["RateLimiter"]
 
 MAX_RATE = 1_000_000
+_HEADER = 3  # words before the ring: rate, per (a double), acquisitions so far
 
 
 class RateLimiter:
@@ -30,8 +32,10 @@ class RateLimiter:
 
     ``with limiter:`` waits for its turn; ``acquire(blocking=True, timeout=None) -> bool``
     as for locks.  ``name`` and the other options work as for :class:`SharedMemory` (the
-    lock is ``<name>.lock``, or ``ftok(path, proj + 1)`` for sysv).  Raises
-    InvalidArgumentError for a rate outside 1..1,000,000 or a ``per`` that is not > 0.
+    lock is ``<name>.lock``, or ``ftok(path, proj + 1)`` for sysv).  A named limiter keeps
+    the ``rate`` and ``per`` it was made for.  Raises InvalidArgumentError for a rate
+    outside 1..1,000,000 or a ``per`` that is not > 0, and when an existing named limiter
+    was made for another ``rate`` or ``per`` (the message names both).
     """
 
     def __init__(self, rate: int, per: float = 1.0, name: str | os.PathLike[str] | None = None,
@@ -45,12 +49,52 @@ class RateLimiter:
             raise InvalidArgumentError(f"per must be a number of seconds > 0, not {per!r}",
                                        limit="> 0")
         self.rate, self.per = rate, float(per)
-        self._shm = SharedMemory(8 * (1 + rate), name, backend=backend, create=create,
+        self._what = describe("RateLimiter", name, backend)
+        self._shm = SharedMemory(8 * (_HEADER + rate), name, backend=backend, create=create,
                                  allow_foreign=allow_foreign, proj=proj)
-        self._head = self._shm.buf[:8].cast("q")  # acquisitions so far
-        self._times = self._shm.buf[8:].cast("d")  # the last ``rate`` of them, a ring
-        self.lock = companion_lock(name, backend=backend, create=create,
-                                   allow_foreign=allow_foreign, proj=proj)
+        size = self._shm.size
+        if size < 8 * (_HEADER + 1) or size % 8:
+            self._shm.close()
+            raise InvalidArgumentError(
+                f"{self._what} has {size} bytes: not a RateLimiter's segment", obj=self._what,
+                backend=backend, limit=f"a multiple of 8 bytes >= {8 * (_HEADER + 1)}")
+        buf = self._shm.buf
+        self._rate = buf[:8].cast("q")  # the parameters it was made for
+        self._per = buf[8:16].cast("d")
+        self._head = buf[16:24].cast("q")  # acquisitions so far
+        self._times = buf[24:].cast("d")  # the last ``rate`` of them, a ring
+        try:
+            self.lock = companion_lock(name, backend=backend, create=create,
+                                       allow_foreign=allow_foreign, proj=proj)
+        except BaseException:
+            self._release_views()
+            raise
+        try:
+            self._check_parameters(backend)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_parameters(self, backend: str) -> None:
+        """Record ``rate`` and ``per`` in a new limiter; compare them with an existing one's.
+
+        Raises InvalidArgumentError naming both sets of values if they differ.
+        """
+        with self.lock:
+            # The first to take the lock records its parameters; the segment's size says
+            # which rate it was made for even before that.
+            made_for = len(self._times)
+            if self._rate[0] == 0 and made_for == self.rate:
+                self._rate[0], self._per[0] = self.rate, self.per
+                return
+            stored_rate = int(self._rate[0]) or made_for
+            stored_per = float(self._per[0])
+        if (stored_rate, stored_per) != (self.rate, self.per):
+            per = f"{stored_per}" if stored_per else "?"
+            raise InvalidArgumentError(
+                f"{self._what} was made for rate={stored_rate} per={per} s, not "
+                f"rate={self.rate} per={self.per} s",
+                obj=self._what, backend=backend, limit=f"rate={stored_rate}, per={per} s")
 
     def _try(self) -> float:
         """Take a turn if the window allows: 0.0, else the seconds until it might."""
@@ -91,11 +135,14 @@ class RateLimiter:
                  tb: TracebackType | None) -> None:
         pass
 
+    def _release_views(self) -> None:
+        for view in (self._rate, self._per, self._head, self._times):
+            view.release()
+        self._shm.close()
+
     def close(self) -> None:
         """Drop this process's handles."""
-        self._head.release()
-        self._times.release()
-        self._shm.close()
+        self._release_views()
         self.lock.close()
 
     def unlink(self) -> None:

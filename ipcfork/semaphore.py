@@ -22,8 +22,10 @@ __all__ = ["Semaphore"]
 def _open_sem(
     kind: str, value: int, name: str | os.PathLike[str] | None, *, backend: str,
     create: bool, exclusive: bool, allow_foreign: bool, proj: int | str, undo: bool,
+    hold_guard: bool = False,
 ) -> PosixSemaphore | SysvSemaphore:
-    """Create or open the backend semaphore behind a Semaphore or Mutex."""
+    """Create or open the backend semaphore behind a Semaphore or Mutex (``hold_guard``: see
+    :class:`SysvSemaphore`)."""
     key = sysv_key_for(name, proj, backend)
     what = describe(kind, name, backend)
     if backend == "posix":
@@ -32,7 +34,8 @@ def _open_sem(
         return PosixSemaphore(name, value, create=create, exclusive=exclusive,
                               allow_foreign=allow_foreign, what=what)
     return SysvSemaphore(key, value, create=create, exclusive=exclusive,
-                         allow_foreign=allow_foreign, undo=undo, what=what)
+                         allow_foreign=allow_foreign, undo=undo, what=what,
+                         hold_guard=hold_guard)
 
 
 def release_anonymous(impl: PosixSemaphore | SysvSemaphore) -> None:

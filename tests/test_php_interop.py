@@ -16,6 +16,7 @@ import contextlib
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
+from conftest import fork, reap
 
 import ipcfork
-from ipcfork import MessageQueue, Mutex, SharedMemory
+from ipcfork import MessageQueue, Mutex, Semaphore, SharedMemory
 
 PHP = shutil.which("php")
 if PHP is None and not os.environ.get("CI"):
@@ -412,6 +414,23 @@ def test_php_and_python_share_a_lock(
     (``Mutex(create=False)`` + ``SharedMemory(create=False).buf.cast("Q")``) make N
     read-modify-write increments under the lock at the same time.  No update is lost:
     the counter ends at exactly 2N."""
+    _share_a_lock(php, keyfile, tmp_path, python_first=False)
+
+
+def test_php_and_python_share_a_lock_python_created(
+    php: str, keyfile: str, tmp_path: Path, sweep: None
+) -> None:
+    """As above, but Python creates the lock (``Mutex(name, backend="sysv")``) before the
+    PHP worker starts, and PHP's ``sem_get`` joins it: ipcfork makes its named sets in
+    PHP's layout (three members), so ``semget(key, 3)`` finds it usable, and ipcfork
+    counts itself among the set's users, so PHP does not reset the lock.
+
+    Regression test: ipcfork at commit 490abd0 failed it (its sets had one member, and
+    PHP's ``sem_get`` failed with EINVAL)."""
+    _share_a_lock(php, keyfile, tmp_path, python_first=True)
+
+
+def _share_a_lock(php: str, keyfile: str, tmp_path: Path, *, python_first: bool) -> None:
     assert sys.byteorder == "little", "PHP's pack('P') is little-endian; cast('Q') is native"
     n = 2000
     script = php_script(tmp_path, "counter", COUNTER_WORKER)
@@ -419,6 +438,10 @@ def test_php_and_python_share_a_lock(
         queue = MessageQueue(name=keyfile, backend="sysv", raw=True, proj="q")
         cleanup.callback(queue.close)
         cleanup.callback(queue.unlink)
+        if python_first:
+            mutex = Mutex(name=keyfile, backend="sysv", exclusive=True)
+            cleanup.callback(mutex.close)
+            cleanup.callback(mutex.unlink)
         worker = subprocess.Popen([php, str(script), keyfile, str(n)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -430,9 +453,10 @@ def test_php_and_python_share_a_lock(
         cleanup.callback(stop_worker)
         assert _receive(queue, 2, worker) == b"ready"
 
-        mutex = Mutex(name=keyfile, backend="sysv", create=False)
-        cleanup.callback(mutex.close)
-        cleanup.callback(mutex.unlink)
+        if not python_first:
+            mutex = Mutex(name=keyfile, backend="sysv", create=False)
+            cleanup.callback(mutex.close)
+            cleanup.callback(mutex.unlink)
         shm = SharedMemory(name=keyfile, backend="sysv", proj="c", create=False)
         cleanup.callback(shm.close)
         cleanup.callback(shm.unlink)
@@ -633,3 +657,120 @@ def test_php_sem_get_keeps_a_lock_python_holds(
         mutex.unlink()
         mutex.close()
     assert not problems, "a PHP sem_get broke a lock Python held: " + "; ".join(problems)
+
+
+# -- PHP joins what ipcfork created (and ipcfork's Semaphore joins what PHP created) ----------
+
+
+def _nsems(semid: int) -> int:
+    """How many members SysV set ``semid`` has, from /proc/sysvipc/sem."""
+    with open("/proc/sysvipc/sem") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if int(fields[1]) == semid:
+                return int(fields[3])
+    raise AssertionError(f"no SysV semaphore set {semid}")
+
+
+# PHP's view of a semaphore: join it with sem_get(key, max_acquire, 0600) and take it without
+# waiting as often as asked, printing "acquired" or "busy" each time.
+PHP_TRY_ACQUIRE = r"""
+[, $path, $max, $tries] = $argv;
+$sem = sem_get(ftok($path, "i"), (int) $max, 0600);
+$said = [];
+for ($i = 0; $i < (int) $tries; $i++) {
+    $said[] = sem_acquire($sem, true) ? "acquired" : "busy";
+}
+echo implode(" ", $said);
+"""
+
+
+def test_php_joins_a_mutex_ipcfork_created(
+    keyfile: str, run_php: RunPhp, sweep: None
+) -> None:
+    """A named SysV Mutex ipcfork created has PHP's layout (three members: lock, usage
+    count, init guard), so PHP's ``sem_get`` joins it: while Python holds the lock PHP's
+    non-blocking ``sem_acquire`` says busy (ipcfork counts as a user, so ``sem_get`` did not
+    reset the lock); once released PHP takes it; the lock's value stays 1.  The owner word
+    (segment keyed ``ftok(path, proj ^ 0x80)``) still works: a holder SIGKILLed in a child
+    is reported to the next holder.
+
+    Regression test: ipcfork at commit 490abd0 failed it (a one-member set: PHP's
+    ``sem_get`` failed with EINVAL)."""
+    mutex = Mutex(name=keyfile, backend="sysv", exclusive=True)
+    try:
+        raw = sysv_ipc.Semaphore(_raw_key(keyfile, "i"))
+        assert _nsems(raw.id) == 3
+        owner_key = _raw_key(keyfile, chr(ord("i") ^ 0x80)) & 0xFFFFFFFF
+        assert [kind for kind, _ in _objects_with_keys({owner_key})] == ["shm"]
+        assert mutex.acquire(timeout=WAIT)
+        try:
+            assert mutex.owner == os.getpid()
+            assert run_php(PHP_TRY_ACQUIRE, keyfile, "1", "1") == "busy"
+        finally:
+            mutex.release()
+        assert run_php(PHP_TRY_ACQUIRE, keyfile, "1", "2") == "acquired busy"
+        assert raw.value == 1, "PHP's sem_get reset the lock"
+
+        def die_holding() -> None:
+            assert mutex.acquire(timeout=WAIT)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        child = fork(die_holding)
+        assert reap(child) == -signal.SIGKILL
+        assert mutex.acquire(timeout=WAIT)
+        try:
+            assert mutex.previous_owner_died and mutex.dead_owner_pid == child
+            assert run_php(PHP_TRY_ACQUIRE, keyfile, "1", "1") == "busy"
+        finally:
+            mutex.release()
+        assert raw.value == 1
+    finally:
+        mutex.unlink()
+        mutex.close()
+
+
+def test_php_joins_a_semaphore_ipcfork_created(
+    keyfile: str, run_php: RunPhp, sweep: None
+) -> None:
+    """A named SysV Semaphore ipcfork created (value 2) has PHP's layout, and PHP's
+    ``sem_get(key, 2)`` joins it without resetting it: with one unit taken by Python, PHP
+    gets exactly one more; PHP's auto-release at exit gives it back.
+
+    Regression test: ipcfork at commit 490abd0 failed it (a one-member set: PHP's
+    ``sem_get`` failed with EINVAL)."""
+    sem = Semaphore(2, name=keyfile, backend="sysv", exclusive=True)
+    try:
+        assert _nsems(sysv_ipc.Semaphore(_raw_key(keyfile, "i")).id) == 3
+        assert sem.acquire(timeout=WAIT)
+        assert run_php(PHP_TRY_ACQUIRE, keyfile, "2", "2") == "acquired busy"
+        assert sem.value == 1
+        sem.release()
+        assert run_php(PHP_TRY_ACQUIRE, keyfile, "2", "3") == "acquired acquired busy"
+        assert sem.value == 2
+    finally:
+        sem.unlink()
+        sem.close()
+
+
+def test_semaphore_on_php_set_is_not_reset_by_php(
+    keyfile: str, run_php: RunPhp, sweep: None
+) -> None:
+    """PHP creates a semaphore (``sem_get(key, 3)``: value 3) and exits; a Semaphore opened
+    on it (``create=False``) counts among its users, so a later ``sem_get`` does not reset
+    the value while Python has it open: with one unit taken by Python, PHP gets two, not
+    three.
+
+    Regression test: ipcfork at commit 490abd0 failed it (only Mutex joined PHP's usage
+    count, so PHP reset the value to 3 under a Semaphore that had taken a unit)."""
+    run_php('sem_get(ftok($argv[1], "i"), 3, 0600);', keyfile)
+    sem = Semaphore(name=keyfile, backend="sysv", create=False)
+    try:
+        assert sem.value == 3
+        assert sem.acquire(timeout=WAIT)
+        assert run_php(PHP_TRY_ACQUIRE, keyfile, "3", "3") == "acquired acquired busy"
+        assert sem.value == 2
+    finally:
+        sem.unlink()
+        sem.close()

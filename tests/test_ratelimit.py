@@ -30,6 +30,7 @@ def test_processes_together_stay_under_the_limit() -> None:
     for i, start in enumerate(times):
         inside = sum(1 for t in times[i:] if t - start < window)
         assert inside <= rate
+    assert not limiter.lock.locked()  # every turn gave the lock back
     stamps.close()
     limiter.close()
 
@@ -40,7 +41,10 @@ def test_non_blocking_and_timeout() -> None:
     assert not limiter.acquire(blocking=False)
     start = time.monotonic()
     assert not limiter.acquire(timeout=0.05)
-    assert time.monotonic() - start < 10
+    elapsed = time.monotonic() - start
+    assert elapsed >= 0.05 * 0.9  # it waited: a False returned at once is not a timeout
+    assert elapsed < 10
+    assert limiter.taken == 2 and not limiter.lock.locked()
     limiter.close()
 
 
@@ -49,3 +53,35 @@ def test_non_blocking_and_timeout() -> None:
 def test_bad_arguments(rate: object, per: object) -> None:
     with pytest.raises(ipcfork.InvalidArgumentError):
         RateLimiter(rate, per)  # type: ignore[arg-type]
+
+
+def test_named_limiter_refuses_other_parameters(backend: str, name: str) -> None:
+    """A named limiter keeps its ``rate`` and ``per`` in its segment: opening it (in this or
+    another process) with the same ones shares its turns; with another ``rate`` or ``per``
+    it is refused with InvalidArgumentError naming the stored and the requested values,
+    instead of silently using a window of the wrong size."""
+    limiter = RateLimiter(3, 1.5, name, backend=backend)
+    try:
+        assert limiter.acquire(blocking=False)
+        for rate, per in ((5, 1.5), (2, 1.5), (3, 1.0), (3, 60)):
+            with pytest.raises(ipcfork.InvalidArgumentError) as refused:
+                RateLimiter(rate, per, name, backend=backend, create=False)
+            message = str(refused.value)
+            assert "rate=3" in message and "per=1.5" in message
+            assert f"rate={rate}" in message and f"per={float(per)}" in message
+            assert refused.value.limit is not None
+            assert refused.value.backend == backend
+
+        def same_parameters() -> int:
+            other = RateLimiter(3, 1.5, name, backend=backend, create=False)
+            took = other.acquire(blocking=False)
+            other.close()
+            return 0 if took else 1
+
+        assert reap(fork(same_parameters)) == 0
+        assert limiter.taken == 2
+        assert limiter.acquire(blocking=False)
+        assert not limiter.acquire(blocking=False)  # 3 turns in this window, from 2 processes
+    finally:
+        limiter.unlink()
+        limiter.close()

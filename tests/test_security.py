@@ -56,7 +56,9 @@ def _plant(kind: str, name: str, backend: str, uid: int | None) -> None:
             return
         key = sysv_ipc.ftok(name, ord("i"), silence_warning=True)
         if kind in ("semaphore", "mutex"):
-            sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode=0o666, initial_value=1)
+            # Used once (a semop), as a real squatter's is: a set never operated on is
+            # refused as uninitialised whatever its owner.
+            sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode=0o666).release()
         if kind in ("shm", "mutex"):
             shm_key = key ^ OWNER_KEY_FLIP if kind == "mutex" else key
             sysv_ipc.SharedMemory(shm_key, sysv_ipc.IPC_CREX, mode=0o666, size=4096)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
 import pytest
-from conftest import Pipe, fork, reap
+from conftest import fork, reap, signal_once_blocked, wait_until_blocked
 
 import ipcfork
 from ipcfork import Semaphore
@@ -45,51 +44,51 @@ def test_timeout_returns_false_promptly(backend: str) -> None:
     sem = Semaphore(0, backend=backend)
     start = time.monotonic()
     assert not sem.acquire(timeout=0.1)
-    assert time.monotonic() - start < 10
+    elapsed = time.monotonic() - start
+    assert elapsed >= 0.1 * 0.9  # it waited: a False returned at once is not a timeout
+    assert elapsed < 10
     assert not sem.acquire(timeout=0)
+    assert sem.value == 0  # the timed-out waits took nothing
     sem.close()
 
 
-def test_blocked_wait_is_woken_by_release(backend: str, pipe: Pipe) -> None:
+def test_blocked_wait_is_woken_by_release(backend: str) -> None:
     sem = Semaphore(0, backend=backend)
 
     def consumer() -> int:
-        pipe.send()
         return 0 if sem.acquire(timeout=30) else 1
 
     child = fork(consumer)
-    pipe.recv()
+    wait_until_blocked(child)  # the release below wakes a waiter, not a late arrival
     sem.release()
     assert reap(child) == 0
+    assert sem.value == 0  # the woken consumer took the unit
     sem.close()
 
 
 def test_signal_during_timed_wait_continues_with_time_left(backend: str) -> None:
     sem = Semaphore(0, backend=backend)
     seen = []
-    previous = signal.signal(signal.SIGALRM, lambda signum, frame: seen.append(signum))
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
+    timeout = 2.0  # ample for the watcher to see the wait begin, even on a busy machine
+    with signal_once_blocked(signal.SIGUSR1,
+                             lambda signum, frame: seen.append((signum, time.monotonic()))):
         start = time.monotonic()
-        assert not sem.acquire(timeout=0.5)
-        assert time.monotonic() - start >= 0.45  # the signal did not end the wait early
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    assert seen == [signal.SIGALRM]
+        assert not sem.acquire(timeout=timeout)
+        end = time.monotonic()
+    assert [signum for signum, _ in seen] == [signal.SIGUSR1]
+    assert start < seen[0][1] < end  # the handler ran during the wait
+    assert end - start >= timeout * 0.9  # the signal did not end the wait early
+    assert sem.value == 0
     sem.close()
 
 
 def test_keyboard_interrupt_ends_a_blocking_wait(backend: str) -> None:
     sem = Semaphore(0, backend=backend)
-    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
-        with pytest.raises(KeyboardInterrupt):
-            sem.acquire()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    with (signal_once_blocked(signal.SIGUSR1, signal.default_int_handler),
+          pytest.raises(KeyboardInterrupt)):
+        sem.acquire()
+    sem.release()  # the interrupted wait took nothing and left the semaphore usable
+    assert sem.value == 1 and sem.acquire(blocking=False)
     sem.close()
 
 
@@ -131,14 +130,17 @@ def test_bad_arguments(backend: str) -> None:
         Semaphore(1, backend="dbus")
 
 
+def _sysv_semaphore_exists(semid: int) -> bool:
+    with open("/proc/sysvipc/sem") as table:
+        return any(line.split()[1] == str(semid) for line in list(table)[1:])
+
+
 def test_anonymous_sysv_semaphore_removed_by_creator_close() -> None:
     sem = Semaphore(1, backend="sysv")
     semid = sem._impl.semid
-    with open("/proc/sysvipc/sem") as table:
-        assert any(line.split()[1] == str(semid) for line in table)
+    assert _sysv_semaphore_exists(semid)
     sem.close()
-    with open("/proc/sysvipc/sem") as table:
-        assert not any(line.split()[1] == str(semid) for line in list(table)[1:])
+    assert not _sysv_semaphore_exists(semid)
 
 
 def test_child_exit_does_not_remove_family_semaphore() -> None:
@@ -148,7 +150,100 @@ def test_child_exit_does_not_remove_family_semaphore() -> None:
         sem.release()
         sem.close()  # a child's close never removes the creator's object
 
+    semid = sem._impl.semid
     assert reap(fork(child)) == 0
+    assert _sysv_semaphore_exists(semid)
     assert sem.acquire(timeout=5)
     sem.close()
-    assert os.getpid()
+    assert not _sysv_semaphore_exists(semid)  # the creator's close did remove it
+
+
+def test_try_acquire_is_thread_safe(backend: str) -> None:
+    """Threads of one process share a semaphore: tries (``blocking=False``) running while
+    another thread blocks in ``acquire()`` never block, and the blocking acquire never
+    fails because of them.  (SysV: a try used to flip the shared sysv_ipc object's
+    ``block`` attribute, so another thread's blocking acquire could raise BusyError, or a
+    try could block.)  Switches between threads are made very frequent to find such races.
+    """
+    import sys
+    import threading
+
+    sem = Semaphore(0, backend=backend)
+    rounds, triers = 300, 3
+    failures: list[BaseException] = []
+    acked = threading.Semaphore(0)
+    stop = threading.Event()
+
+    def blocker() -> None:
+        try:
+            for _ in range(rounds):
+                sem.acquire()
+                acked.release()
+        except BaseException as exc:
+            failures.append(exc)
+            acked.release()
+
+    def trier() -> None:
+        try:
+            while not stop.is_set():
+                if sem.acquire(blocking=False):
+                    sem.release()  # not ours to keep: give the round's unit back
+        except BaseException as exc:
+            failures.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=trier) for _ in range(triers)]
+    threads.append(threading.Thread(target=blocker))
+    try:
+        for thread in threads:
+            thread.start()
+        for done in range(rounds):
+            sem.release()
+            assert acked.acquire(timeout=30), f"blocking acquire {done} never returned"
+            if failures:
+                break
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        for thread in threads:
+            thread.join(timeout=10)
+        stuck = [thread for thread in threads if thread.is_alive()]
+        if stuck:
+            sem.release(len(stuck))  # free tries that blocked, so the threads end
+            for thread in stuck:
+                thread.join(timeout=10)
+        value = sem.value
+        sem.close()
+    assert not failures, f"a thread failed: {failures[0]!r}"
+    assert not stuck, f"{len(stuck)} non-blocking tries blocked"
+    assert value == 0
+
+
+def test_sysv_set_never_initialised_is_refused_after_a_bounded_wait(keyfile: str) -> None:
+    """A set whose creator never made its first semop (sem_otime still 0: the creator died
+    between semget and semop) is refused after ipcfork's initialisation wait, with an error
+    naming the object and the limit, instead of being used silently half-made."""
+    import sysv_ipc
+
+    from ipcfork import _sysv
+
+    key = sysv_ipc.ftok(keyfile, ord("i"), silence_warning=True)
+    raw = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode=0o600)  # semget only: no stamp
+    try:
+        assert raw.o_time == 0
+        start = time.monotonic()
+        with pytest.raises(ipcfork.ObjectCorruptError) as refused:
+            Semaphore(name=keyfile, backend="sysv", create=False)
+        elapsed = time.monotonic() - start
+        assert elapsed >= _sysv._INIT_WAIT * 0.9
+        assert elapsed < _sysv._INIT_WAIT + 20
+        message = str(refused.value)
+        assert keyfile in message and "(sysv)" in message
+        assert f"{_sysv._INIT_WAIT} s" in message and str(raw.id) in message
+        assert refused.value.limit is not None and refused.value.backend == "sysv"
+        # The create-or-open path waits the same way, and then refuses the same way.
+        with pytest.raises(ipcfork.ObjectCorruptError):
+            Semaphore(name=keyfile, backend="sysv")
+    finally:
+        raw.remove()

@@ -31,6 +31,7 @@ def test_locked_increments_across_processes_are_exact(backend: str) -> None:
     pids = [fork(bump) for _ in range(4)]
     assert [reap(pid) for pid in pids] == [0] * 4
     assert counter.value == 8000
+    assert not counter.lock.locked()  # every worker gave the lock back
     counter.close()
 
 
@@ -60,6 +61,7 @@ def test_named_value_keeps_its_contents(backend: str, name: str) -> None:
     with second.lock:
         second.value += 1
     assert first.value == 42
+    assert not first.lock.locked()  # one lock for both handles, and it was given back
     second.close()
     first.unlink()
     first.close()
