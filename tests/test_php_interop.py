@@ -309,9 +309,8 @@ def test_raw_messages_python_to_php_and_back(
     8192 (MSGMAX) bytes; PHP sends each back reversed (type 2) and Python gets them, with a
     timeout, byte-exact and in order.
 
-    The "long" case FAILS with ipcfork as of this writing (see _put's message): the SysV
-    queue is opened through sysv_ipc without ``max_message_size``, so sysv_ipc's default
-    buffer of 2048 bytes applies although ipcfork reports 8192."""
+    The "long" case guards against sysv_ipc's default receive buffer of 2048 bytes (a queue
+    opened without ``max_message_size`` could not carry the 8192 bytes ipcfork reports)."""
     messages = RAW_MESSAGES[sizes]
     queue = MessageQueue(name=keyfile, backend="sysv", raw=True)
     try:
@@ -349,9 +348,8 @@ def test_raw_messages_php_to_python(
     arrive in Python byte-exact and in order: the same sizes as above, with PHP's own bytes
     (a non-UTF-8 prefix, then ``random_bytes``).
 
-    The "long" case FAILS with ipcfork as of this writing (see _get's message): receiving
-    through sysv_ipc's default 2048-byte buffer makes msgrcv fail with E2BIG, which also
-    escapes untranslated as a bare OSError."""
+    The "long" case guards against receiving through sysv_ipc's default 2048-byte buffer
+    (msgrcv would fail with E2BIG, escaping untranslated as a bare OSError)."""
     sizes_wanted = [len(m) for m in RAW_MESSAGES[sizes]]
     queue = MessageQueue(name=keyfile, backend="sysv", raw=True)
     try:
@@ -626,9 +624,9 @@ def test_php_sem_get_keeps_a_lock_python_holds(
     ``sem_acquire`` must fail while Python holds the lock, and after Python's release the
     lock must be a lock again (value 1, not 2).
 
-    FAILS with ipcfork as of this writing: the Mutex does not take part in PHP's usage
-    count, so PHP's ``sem_get`` sets the value back to 1 while Python holds the lock, PHP
-    acquires too (two holders), and Python's release then leaves the value at 2 for good."""
+    Without ipcfork's part in PHP's usage count, PHP's ``sem_get`` would set the value back
+    to 1 while Python holds the lock, PHP would acquire too (two holders), and Python's
+    release would then leave the value at 2 for good."""
     run_php('sem_get(ftok($argv[1], "i"), 1, 0600);', keyfile)  # made; PHP has exited
     problems: list[str] = []
     mutex = Mutex(name=keyfile, backend="sysv", create=False)

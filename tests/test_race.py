@@ -6,6 +6,7 @@ a subprocess for its JSON, exit statuses, argument errors and Ctrl-C.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pty
@@ -20,7 +21,7 @@ import pytest
 
 from ipcfork import InvalidArgumentError, race
 from ipcfork.race import report
-from ipcfork.race.command import parse_window
+from ipcfork.race.command import parse_kill_every, parse_window
 
 LOCKS = [name for name, spec in race.GUARDS.items() if spec.kind == "lock" and not spec.broken]
 WINDOW = 50e-6  # with it, every unguarded worker rereads a stale value: losses are certain
@@ -192,6 +193,10 @@ def test_cli_exits_1_when_a_guarded_run_loses_an_update() -> None:
     (["-k", "0"], "iterations must be in 1..10000000"),
     (["--guard", "nope"], "invalid choice"),
     (["--scenario", "nope"], "unknown scenario 'nope'"),
+    (["--scenario", "crash", "--kill-every", "4ms..1ms"], "kill intervals must satisfy"),
+    (["--scenario", "crash", "--kill-every", "1us"], "kill intervals must satisfy"),
+    (["--scenario", "crash", "--stall", "0"], "stall must be in (0, 60] s"),
+    (["--scenario", "crash", "--duration", "2h"], "is not a duration"),
 ])
 def test_cli_rejects_bad_arguments_naming_the_limit(args: list[str], message: str) -> None:
     done = _cli(*args)
@@ -288,3 +293,182 @@ def test_a_worker_killed_mid_run_ends_the_run_instead_of_hanging() -> None:
         race.run("counter", "semaphore", workers=4, iterations=5_000_000, window=0.0,
                  progress=progress)
     assert killed
+
+
+# -- the crash scenario: real forks, real SIGKILLs ---------------------------------------
+
+ROOMY_STALL = 5.0  # a robust guard on a machine busy with other tests must not look wedged
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                    "races.md")
+
+
+def _crash(guard: str, **kwargs: object) -> race.CrashResult:
+    """``race.run_crash`` that skips when the guard is not in this version of ipcfork."""
+    from ipcfork.race.crash import crash_skip_reason
+
+    why = crash_skip_reason(guard)
+    if why is not None:
+        pytest.skip(why)
+    return race.run_crash(guard, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("guard", ["mutex-sysv", "counter"])
+def test_crash_a_robust_guard_survives_a_kill_storm(guard: str) -> None:
+    result = _crash(guard, workers=3, duration=0.8, stall=ROOMY_STALL, seed=5)
+    assert result.kills > 0 and result.spawned == result.kills + 3
+    assert not result.wedged and result.wedged_after is None
+    assert result.verdict == "never wedged"
+    assert result.robust and result.exact and not result.failed
+    # The counter holds every recorded increment, plus at most one in flight per kill.
+    assert result.lost == 0 and 0 <= result.in_flight <= result.kills + 3
+    assert result.observed == result.expected + result.in_flight > 0
+    assert result.longest_stall < ROOMY_STALL
+    if guard == "mutex-sysv":  # it tells the next holder; the lab saw where victims died
+        assert result.owner_died is not None and result.kills_in_cs is not None
+        assert 0 <= result.kills_in_cs <= result.kills
+    else:  # one atomic add: no critical section, nobody to tell
+        assert result.owner_died is None and result.kills_in_cs is None
+
+
+@pytest.mark.parametrize("guard", ["posix-sem", "mp-lock"])
+def test_crash_a_lock_without_owner_wedges_and_the_run_stops_at_once(guard: str) -> None:
+    began = time.monotonic()
+    result = _crash(guard, workers=2, duration=30.0, stall=0.3, seed=3)
+    took = time.monotonic() - began
+    assert result.wedged and not result.robust and not result.failed  # it is the lesson
+    assert re.fullmatch(r"wedged after [\d,]+ kills?", result.verdict)
+    assert result.wedged_after is not None and 1 <= result.wedged_after <= result.kills
+    assert result.longest_stall >= 0.3 and result.owner_died is None
+    assert took < 20  # the stall threshold ended it, long before its 30 s under fire
+    assert result.exact and result.lost == 0
+    # Every worker killed and reaped, the semaphore unlinked: the autouse fixture checks.
+
+
+def test_crash_rejects_what_does_not_apply_naming_the_limit() -> None:
+    with pytest.raises(InvalidArgumentError, match="does not apply"):
+        race.run_crash("none")
+    with pytest.raises(InvalidArgumentError, match=r"\(0, 600\] s"):
+        race.run_crash("mutex-sysv", duration=0)
+    with pytest.raises(InvalidArgumentError, match="low <= high"):
+        race.run_crash("mutex-sysv", kill_every=(0.004, 0.001))
+    results = list(race.crash_sweep(["none"], [2]))
+    assert len(results) == 1 and results[0].skipped and results[0].verdict.startswith("skip")
+
+
+def test_crash_report_says_who_cannot_tell_instead_of_zero() -> None:
+    common = dict(scenario="crash", workers=4, iterations=0, window=0.0, seed=1,
+                  guarded=True, duration=1.0, kill_every=(0.0005, 0.004),
+                  stall_threshold=1.0, exact=True)
+    rows = [race.CrashResult(guard="mutex-sysv", kills=300, kills_in_cs=10, owner_died=12,
+                             longest_stall=0.04, robust=True, **common),  # type: ignore[arg-type]
+            race.CrashResult(guard="mp-lock", kills=40, kills_in_cs=1, wedged=True,
+                             wedged_after=7, longest_stall=1.0, **common),  # type: ignore[arg-type]
+            race.CrashResult(guard="counter", kills=300, longest_stall=0.03, robust=True,
+                             **common)]  # type: ignore[arg-type]
+    text = report.format_report(rows, report.Usage(1.0, 1024, 2048))
+    lines = text.splitlines()
+    assert lines[1].split()[:9] == ["guard", "kills", "seen", "in", "CS", "owner", "died",
+                                    "longest", "stall"]
+    mp_lock = next(line for line in lines if line.startswith("mp-lock"))
+    assert mp_lock.split()[2:4] == ["1", "—"] and mp_lock.endswith("wedged after 7 kills")
+    counter = next(line for line in lines if line.startswith("counter"))
+    assert counter.split()[2:4] == ["—", "—"] and counter.endswith("never wedged")
+    assert "Wedged, as they must" in text and "mp-lock" in text
+    assert report.exit_status(rows) == 0  # a lock with no owner wedging is no failure
+    wedged = dataclasses.replace(rows[0], wedged=True, wedged_after=2000, failed=True)
+    assert report.exit_status([wedged]) == 1
+    assert any(n.startswith("FAILED: robust guards wedged: mutex-sysv")
+               for n in report.notes([wedged]))
+
+
+def test_scenario_all_keeps_its_meaning_and_crash_runs_when_named() -> None:
+    from ipcfork.cli import build_parser
+
+    def scenarios(text: str) -> list[str]:
+        return list(build_parser().parse_args(["race", "--scenario", text]).scenario)
+
+    assert scenarios("all") == list(race.SCENARIOS) and "crash" not in race.SCENARIOS
+    assert scenarios("all,crash") == [*race.SCENARIOS, "crash"]
+    assert parse_kill_every("0.5ms..4ms") == pytest.approx((0.0005, 0.004))
+    assert parse_kill_every("2ms") == pytest.approx((0.002, 0.002))
+
+
+def _documented_json() -> dict[str, object]:
+    """The crash JSON example in docs/races.md (the block after its marker)."""
+    with open(DOCS) as source:
+        text = source.read()
+    block = text.split("<!-- crash-json -->", 1)[1].split("```json\n", 1)[1]
+    return json.loads(block.split("```", 1)[0])  # type: ignore[no-any-return]
+
+
+def test_cli_crash_json_has_the_documented_shape_and_exit_status() -> None:
+    done = _cli("--scenario", "crash", "--guard", "mutex-sysv", "--guard", "mp-lock",
+                "--workers", "2", "--duration", "0.5", "--stall", str(ROOMY_STALL),
+                "--json")
+    assert done.returncode == 0, done.stderr  # mp-lock wedging is the lesson, no failure
+    doc = json.loads(done.stdout)
+    documented = _documented_json()
+    assert doc.keys() == documented.keys()
+    assert doc["config"].keys() == documented["config"].keys()  # type: ignore[attr-defined]
+    assert doc["config"]["crash"].keys() == documented["config"]["crash"].keys()  # type: ignore[attr-defined,index]
+    documented_run = documented["runs"][0]  # type: ignore[index]
+    for run in doc["runs"]:
+        assert run.keys() == documented_run.keys()
+    sysv, mp_lock = doc["runs"]
+    assert (sysv["guard"], sysv["verdict"], sysv["wedged"]) == ("mutex-sysv", "never wedged",
+                                                                False)
+    assert sysv["kills"] > 0 and isinstance(sysv["owner_died"], int)
+    assert mp_lock["wedged"] and mp_lock["owner_died"] is None and not mp_lock["failed"]
+    assert mp_lock["verdict"] == (f"wedged after {mp_lock['wedged_after']:,} kill"
+                                  + ("s" if mp_lock["wedged_after"] != 1 else ""))
+    assert doc["exit_status"] == 0
+
+
+def test_cli_crash_exits_1_when_a_robust_guard_wedges() -> None:
+    # No robust guard wedges on purpose, so this one is told it is robust: mp-lock.
+    code = ("import dataclasses, sys\n"
+            "from ipcfork.race import guards\n"
+            "guards.GUARDS['mp-lock'] = dataclasses.replace(guards.GUARDS['mp-lock'], "
+            "robust=True)\n"
+            "from ipcfork.cli import main\n"
+            "sys.exit(main(['race', '--scenario', 'crash', '--guard', 'mp-lock', "
+            "'--workers', '2', '--duration', '20', '--stall', '0.3']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "FAILED: robust guards wedged: mp-lock" in done.stdout
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_crash_ctrl_c_or_sigterm_mid_storm_leaves_nothing(signum: int, status: int) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ipcfork", "race", "--scenario", "crash",
+                             "--guard", "posix-sem", "--guard", "mutex-sysv",
+                             "--duration", "30", "--stall", "30"],
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    try:
+        _read_until(master, rb"\b[1-9]\d*%")  # the kills are under way
+        workers = _children_of(proc.pid)
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=30)
+        said = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            said += chunk
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status and out == ""
+    lines = [ln for ln in said.decode().replace("\r", "\n").split("\n") if ln.strip()]
+    assert lines[-1] == "ipcfork race: interrupted; workers stopped, nothing left behind"
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}")
+    # No IPC object left (the posix semaphore, the counter's segment): the autouse fixture.

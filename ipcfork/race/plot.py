@@ -1,5 +1,6 @@
 """``--plot FILE.png``: lost updates and throughput against the number of workers, one line
-per guard and one row of two charts per scenario.
+per guard and one row of two charts per scenario; for ``crash``, bars per guard: the
+longest stall (against the stall threshold) and the kills it took to wedge it.
 
 matplotlib is optional (``pip install 'ipcfork[plot]'``) and imported only here, only when
 a plot is asked for.
@@ -12,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .crash import CRASH, CrashResult
 from .runner import RunResult
 
 __all__ = ["require_matplotlib", "write_plot"]
@@ -45,6 +47,9 @@ def write_plot(results: Sequence[RunResult], path: str | os.PathLike[str]) -> No
     for row, scenario in zip(axes, scenarios, strict=True):
         lost_ax, speed_ax = row
         mine = [r for r in ran if r.scenario == scenario]
+        if scenario == CRASH:
+            _crash_row(row, [r for r in mine if isinstance(r, CrashResult)])
+            continue
         deadlock = scenario == "deadlock"
         for guard in dict.fromkeys(r.guard for r in mine):
             points = sorted((r.workers, r) for r in mine if r.guard == guard)
@@ -72,3 +77,39 @@ def write_plot(results: Sequence[RunResult], path: str | os.PathLike[str]) -> No
         fig.savefig(os.fspath(path), dpi=100)
     finally:
         plt.close(fig)
+
+
+def _crash_row(row: Any, results: list[CrashResult]) -> None:
+    """Bars per guard, one colour per worker count: the longest stall (log scale, the
+    threshold dashed) and the kills made until it wedged, or in all (hatched: wedged)."""
+    stall_ax, kills_ax = row
+    guards = list(dict.fromkeys(r.guard for r in results))
+    counts = sorted({r.workers for r in results})
+    width = 0.8 / max(1, len(counts))
+    for i, count in enumerate(counts):
+        mine = {r.guard: r for r in results if r.workers == count}
+        xs = [g + (i - (len(counts) - 1) / 2) * width for g in range(len(guards))]
+        picked = [mine.get(guard) for guard in guards]
+        hatch = ["//" if r is not None and r.wedged else "" for r in picked]
+        label = f"{count} worker" + ("s" if count != 1 else "")
+        for ax, values in ((stall_ax, [r.longest_stall if r else 0.0 for r in picked]),
+                           (kills_ax, [(r.wedged_after if r.wedged else r.kills) if r else 0
+                                       for r in picked])):
+            bars = ax.bar(xs, values, width, label=label)
+            for bar, pattern in zip(bars, hatch, strict=True):
+                bar.set_hatch(pattern)
+    thresholds = sorted({r.stall_threshold for r in results})
+    for threshold in thresholds:
+        stall_ax.axhline(threshold, linestyle="--", color="grey", linewidth=1)
+    stall_ax.set_title(f"{CRASH}: longest stall (dashed: wedged threshold)")
+    stall_ax.set_ylabel("seconds")
+    if results:
+        stall_ax.set_yscale("log")  # milliseconds for robust guards, the threshold for others
+    kills_ax.set_title(f"{CRASH}: kills until wedged (hatched) or in all")
+    kills_ax.set_ylabel("SIGKILLs")
+    for ax in row:
+        ax.set_xticks(range(len(guards)))
+        ax.set_xticklabels(guards, rotation=30, ha="right", fontsize="small")
+        ax.grid(True, axis="y", alpha=0.3)
+    if len(counts) > 1:
+        stall_ax.legend(fontsize="small")

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .crash import CRASH
+from .crashreport import crash_lines, crash_notes
 from .guards import GUARDS
 from .runner import RunResult
 
@@ -35,7 +37,8 @@ def usage(wall_time: float) -> Usage:
 
 
 def exit_status(results: Sequence[RunResult]) -> int:
-    """0 when every guarded run was exact, 1 when a guarded run lost (or duplicated) one."""
+    """0 when every guarded run was exact, 1 when a guarded run lost (or duplicated) one or
+    a robust guard wedged under ``crash``."""
     return 1 if any(r.failed for r in results) else 0
 
 
@@ -75,6 +78,8 @@ def _group_lines(group: list[RunResult]) -> list[str]:
     first = group[0]
     ran = [r for r in group if not r.skipped]
     fastest = max((r.ops_per_s for r in ran), default=0.0)
+    if first.scenario == CRASH:
+        return crash_lines(group, _table)
     if first.scenario == "deadlock":
         title = f"deadlock: {first.workers} workers in a ring of {first.workers} locks"
         header = ["guard", "workers", "got both", "gave up", "time s", "verdict"]
@@ -133,14 +138,15 @@ def notes(results: Sequence[RunResult]) -> list[str]:
         out.append(f"The unguarded run lost nothing ({where}): the race did not show this "
                    f"time. Widen the gap between read and write, e.g. --window "
                    f"{SUGGESTED_WINDOW}, or raise --iterations.")
-    failed = [r for r in results if r.failed]
-    judged = [r for r in results if not r.skipped and r.guarded and r.scenario != "deadlock"]
+    failed = [r for r in results if r.failed and r.scenario != CRASH]  # crash: its notes
+    judged = [r for r in results if not r.skipped and r.guarded
+              and r.scenario not in ("deadlock", CRASH)]
     if failed:
         which = ", ".join(f"{r.guard} ({r.scenario}, {_workers(r.workers)})" for r in failed)
         out.append(f"FAILED: guarded runs lost updates: {which}.")
     elif judged:
         out.append("Every guarded run was exact.")
-    return out
+    return out + crash_notes(results)
 
 
 def format_report(results: Sequence[RunResult], use: Usage) -> str:
