@@ -26,7 +26,6 @@ from ._common import on_creator_exit
 from ._identity import IDENTITY, token_pid
 from ._native import SysvLockCore
 from ._sysv import SysvSemaphore, open_sysv_shm
-from ._timeouts import check_timeout
 from .mutex import Mutex
 from .semaphore import _open_sem
 
@@ -43,7 +42,7 @@ class SysvMutex(SysvLockCore, Mutex):  # type: ignore[misc]  # SysvLockCore: cho
     ``acquire``, ``release``, ``__enter__`` and ``__exit__`` are the native core's
     (``SysvLockCore``): a signal handler cannot run between taking the semaphore and
     recording the holder, nor between the start of a release and the semop that gives it
-    back.  Timed and non-blocking acquires come back here, to ``_acquire_slowly``.
+    back.
     """
 
     __slots__ = (
@@ -122,18 +121,6 @@ class SysvMutex(SysvLockCore, Mutex):  # type: ignore[misc]  # SysvLockCore: cho
 
     # -- taking and giving back (the fast paths are SysvLockCore's) ----------------------------
 
-    def _acquire_slowly(self, blocking: bool, timeout: float | None) -> bool:
-        if self._state is None:
-            raise errors.ObjectClosedError(f"{self._what} is closed in this process",
-                                           obj=self._what, backend="sysv")
-        timeout = check_timeout(timeout)
-        if not blocking and timeout is not None:
-            raise errors.InvalidArgumentError("a timeout makes no sense with blocking=False")
-        if not (self._sem.try_acquire() or (blocking and self._sem.acquire_slow(timeout))):
-            return False
-        self._took()
-        return True
-
     def _not_owner(self) -> None:
         """Raise NotOwnerError (the core calls this when this process does not hold it)."""
         holder = self.owner
@@ -168,8 +155,8 @@ class SysvMutex(SysvLockCore, Mutex):  # type: ignore[misc]  # SysvLockCore: cho
     def close(self) -> None:
         if self._state is None:
             return
+        self._sysv_unbind()  # refuses while held or waited for here: before anything else
         self._finalizer()
-        self._sysv_unbind()
         self._owner.release()
         if not self._foreign:
             with contextlib.suppress(sysv_ipc.Error):

@@ -282,6 +282,12 @@ class SharedCounter(CounterCore):  # type: ignore[misc]  # CounterCore is chosen
         """add() where its C fast path does not apply: no lane cached for this thread, an n
         that is not small and positive, a central counter, or the ctypes fallback."""
         lane = self._lane()
+        try:
+            self._add_on(lane, n)
+        finally:
+            self._cache(lane)
+
+    def _add_on(self, lane: _Lane, n: int) -> None:
         # Only positive adds use the stripe: threads of one process share it, and an
         # in-flight +n and -n on a frozen stripe would cancel out and look like no add in
         # flight at all to _unfreeze.  Subtractions go to pending, which is always exact.
@@ -302,7 +308,6 @@ class SharedCounter(CounterCore):  # type: ignore[misc]  # CounterCore is chosen
                         self._try_thaw()
         else:
             self._atomics.fetch_add(_PENDING, _int64(n, "n"))
-        self._cache(lane)
 
     def _add_landed(self, n: int, old: int) -> None:
         """The add landed on a frozen stripe (move it to pending, then take it back from
@@ -348,6 +353,7 @@ class SharedCounter(CounterCore):  # type: ignore[misc]  # CounterCore is chosen
             self._cache(lane)
 
     def _unpin(self, lane: _Lane) -> None:
+        self._uncache_lane()  # first: the C fast path must never run on a pin being dropped
         lane.pinned = False
         self._atomics.fetch_add(lane.pin, -1)
         self._pinned.remove(lane)

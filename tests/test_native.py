@@ -408,3 +408,150 @@ def test_ipcfork_info_says_which_core_is_in_use(pure: str) -> None:
         assert shown[1] == "core: compiled (the C extension ipcfork._native._core)"
     else:
         assert shown[1].startswith("core: ctypes (the C extension is not built")
+
+
+# -- what a review found (each failed before its fix) ------------------------------------------
+
+
+def _holder_child(lock: Any, pipe: Pipe) -> int:
+    """Fork a child that takes ``lock``, says so, and sleeps holding it."""
+
+    def hold() -> None:
+        lock.acquire()
+        pipe.send()
+        signal.pause()
+
+    pid = fork(hold)
+    pipe.recv()
+    return pid
+
+
+@pytest.mark.parametrize("backend", ["posix", "sysv"])
+def test_close_is_refused_while_a_thread_waits(backend: str, pipe: Pipe) -> None:
+    """Closing a mutex that another thread of this process waits for would unmap what the
+    wait writes to (it crashed the interpreter): refused until the wait is over."""
+    mutex = ipcfork.Mutex(backend=backend)
+    pid = _holder_child(mutex, pipe)
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(mutex.acquire(timeout=60)))
+    waiter.start()
+    assert waiter.native_id is not None
+    wait_until_blocked(waiter.native_id)
+    with pytest.raises(ipcfork.BufferInUseError, match="waited for by a thread"):
+        mutex.close()
+    os.kill(pid, signal.SIGKILL)
+    assert reap(pid) == -signal.SIGKILL
+    waiter.join(60)
+    assert got == [True]
+    if backend == "sysv":  # the holder is this process, whose thread took it
+        with pytest.raises(ipcfork.BufferInUseError, match="release it before closing"):
+            mutex.close()
+        mutex.release()
+    else:  # the holder was the thread, which exited holding it: the kernel released it
+        assert mutex.acquire(timeout=10) and mutex.previous_owner_died
+        mutex.release()
+    mutex.close()
+
+
+def test_a_handle_does_not_release_for_a_later_thread(core: ModuleType, block: memoryview) -> None:
+    """glibc reuses a finished thread's pthread_t at once: a handle whose taker exited must
+    not accept a release from the next thread that takes the mutex through another handle."""
+    first = _mutex(core, block, create=True)
+    second = _mutex(core, block)
+    taker = threading.Thread(target=first.acquire)
+    taker.start()
+    taker.join(30)
+    outcome: list[str] = []
+
+    def later() -> None:
+        assert second.acquire(timeout=10) and second.previous_owner_died
+        try:
+            first.release()
+            outcome.append("accepted")
+        except ipcfork.NotOwnerError:
+            outcome.append("refused")
+        outcome.append("still held" if second.locked() else "released")
+        second.release()
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    thread.join(30)
+    assert outcome == ["refused", "still held"]
+    first._unbind()  # its taker is gone: nothing of this process holds it through `first`
+    second._unbind()
+
+
+def test_sysv_close_while_held_is_refused() -> None:
+    mutex = ipcfork.Mutex(backend="sysv")
+    mutex.acquire()
+    with pytest.raises(ipcfork.BufferInUseError, match="release it before closing"):
+        mutex.close()
+    mutex.release()
+    mutex.close()
+
+
+def test_sysv_set_removed_while_waiting_is_not_found(keyfile: str, pipe: Pipe) -> None:
+    mutex = ipcfork.Mutex(keyfile, backend="sysv")
+    pid = _holder_child(mutex, pipe)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            mutex.acquire(timeout=60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert waiter.native_id is not None
+    wait_until_blocked(waiter.native_id)
+    mutex.unlink()
+    waiter.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], ipcfork.ObjectNotFoundError)
+    assert "was removed" in str(errors[0])
+    os.kill(pid, signal.SIGKILL)
+    assert reap(pid) == -signal.SIGKILL
+    mutex.close()
+
+
+@pytest.mark.parametrize("backend", ["posix", "sysv"])
+def test_a_raising_handler_never_orphans_a_timed_or_try_acquire(backend: str) -> None:
+    """As the tight ``with`` test, for ``acquire(timeout=...)`` and ``acquire(False)``: the
+    lock is never left taken with nobody recorded as its holder."""
+    if _native.PATH != "compiled":
+        pytest.skip("the ctypes fallback's Python methods have such windows (documented)")
+    mutex = ipcfork.Mutex(backend=backend)
+
+    class Tick(Exception):
+        pass
+
+    armed = [False]
+
+    def on_alarm(signum: int, frame: object) -> None:
+        if armed[0]:
+            armed[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise Tick
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    interrupts = 0
+    try:
+        while interrupts < 200:
+            try:
+                armed[0] = True
+                signal.setitimer(signal.ITIMER_REAL, 0.00003, 0.00003)
+                while True:
+                    if mutex.acquire(False):
+                        mutex.release()
+                    if mutex.acquire(timeout=5):
+                        mutex.release()
+            except Tick:
+                interrupts += 1
+                if mutex.locked():  # taken between a returning acquire and its release
+                    assert mutex.owner == os.getpid(), f"orphaned: {mutex!r}"
+                    mutex.release()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not mutex.locked()
+    mutex.close()

@@ -34,24 +34,22 @@
 /* The calling process's token and pid, set from Python (ipcfork._identity) at import and
  * after every fork, before any Python code of the child runs. */
 uint64_t process_token;
+uint64_t identity_generation;
 long process_pid;
 int spin_count;
 
 PyObject *InvalidArgumentError, *NotOwnerError, *ObjectCorruptError, *ObjectClosedError,
-    *DeadlockError, *BufferInUseError;
+    *DeadlockError, *BufferInUseError, *ObjectNotFoundError;
 
-/* Raise ``cls(message, obj=what, backend="posix")``. */
-void
-raise_ipc(PyObject *cls, PyObject *what, const char *format, ...)
+static void
+raise_ipc_v(PyObject *cls, PyObject *what, const char *backend, const char *format,
+            va_list args)
 {
-    va_list args;
-    va_start(args, format);
     PyObject *message = PyUnicode_FromFormatV(format, args);
-    va_end(args);
     if (message == NULL)
         return;
-    PyObject *kwargs = Py_BuildValue("{s:O,s:s}", "obj", what ? what : Py_None, "backend",
-                                     "posix");
+    PyObject *kwargs = Py_BuildValue("{s:O,s:z}", "obj", what ? what : Py_None, "backend",
+                                     backend);
     if (kwargs == NULL) {
         Py_DECREF(message);
         return;
@@ -69,11 +67,38 @@ raise_ipc(PyObject *cls, PyObject *what, const char *format, ...)
     Py_DECREF(message);
 }
 
+/* Raise ``cls(message, obj=what, backend="posix")``. */
+void
+raise_ipc(PyObject *cls, PyObject *what, const char *format, ...)
+{
+    va_list args;
+    va_start(args, format);
+    raise_ipc_v(cls, what, "posix", format, args);
+    va_end(args);
+}
+
+void
+raise_ipc_backend(PyObject *cls, PyObject *what, const char *backend, const char *format, ...)
+{
+    va_list args;
+    va_start(args, format);
+    raise_ipc_v(cls, what, backend, format, args);
+    va_end(args);
+}
+
+/* OSError(code, "<what>: <operation> failed: <strerror>"), errno set as on the fallback. */
 void
 raise_errno(int code, PyObject *what, const char *operation)
 {
-    PyErr_Format(PyExc_OSError, "%S: %s failed: %s", what ? what : Py_None, operation,
-                 strerror(code));
+    PyObject *message = PyUnicode_FromFormat("%S: %s failed: %s", what ? what : Py_None,
+                                             operation, strerror(code));
+    if (message == NULL)
+        return;
+    PyObject *args = Py_BuildValue("(iN)", code, message);
+    if (args != NULL) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
 }
 
 double
@@ -93,9 +118,9 @@ parse_timeout(PyObject *timeout, double *seconds)
     if (timeout == NULL || timeout == Py_None)
         return 0;
     if (PyBool_Check(timeout) || !(PyLong_Check(timeout) || PyFloat_Check(timeout))) {
-        raise_ipc(InvalidArgumentError, NULL,
-                  "timeout must be a number of seconds or None, not %s",
-                  Py_TYPE(timeout)->tp_name);
+        raise_ipc_backend(InvalidArgumentError, NULL, NULL,
+                          "timeout must be a number of seconds or None, not %s",
+                          Py_TYPE(timeout)->tp_name);
         return -1;
     }
     double value = PyFloat_AsDouble(timeout);
@@ -141,6 +166,7 @@ set_identity(PyObject *Py_UNUSED(module), PyObject *args)
         return NULL;
     process_token = token;
     process_pid = pid;
+    identity_generation++;
     Py_RETURN_NONE;
 }
 
@@ -179,6 +205,7 @@ module_exec(PyObject *module)
         {&InvalidArgumentError, "InvalidArgumentError"}, {&NotOwnerError, "NotOwnerError"},
         {&ObjectCorruptError, "ObjectCorruptError"},     {&ObjectClosedError, "ObjectClosedError"},
         {&DeadlockError, "DeadlockError"},               {&BufferInUseError, "BufferInUseError"},
+        {&ObjectNotFoundError, "ObjectNotFoundError"},
     };
     for (size_t i = 0; i < sizeof(wanted) / sizeof(wanted[0]); i++) {
         *wanted[i].slot = PyObject_GetAttrString(errors, wanted[i].name);

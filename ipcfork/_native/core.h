@@ -10,14 +10,19 @@
 /* The calling process's token (pid | start time << 32) and pid, set from Python at import
  * and after every fork (ipcfork._native.__init__). */
 extern uint64_t process_token;
+/* Bumped by every set_identity (import, and every fork): a per-process epoch. */
+extern uint64_t identity_generation;
 extern long process_pid;
 extern int spin_count;
 
 extern PyObject *InvalidArgumentError, *NotOwnerError, *ObjectCorruptError, *ObjectClosedError,
-    *DeadlockError, *BufferInUseError;
+    *DeadlockError, *BufferInUseError, *ObjectNotFoundError;
 
 /* Raise ``cls(message, obj=what, backend="posix")``. */
 void raise_ipc(PyObject *cls, PyObject *what, const char *format, ...);
+/* The same with another backend ("sysv", or NULL for None). */
+void raise_ipc_backend(PyObject *cls, PyObject *what, const char *backend, const char *format,
+                       ...);
 void raise_errno(int code, PyObject *what, const char *operation);
 double monotonic_now(void);
 int parse_timeout(PyObject *timeout, double *seconds);

@@ -29,8 +29,8 @@ typedef struct {
     Py_buffer view;
     char *base; /* NULL while unbound */
     int64_t *pending, *mode, *frozen_sum;
-    unsigned long lane_thread;
-    long lane_pid;
+    uint64_t lane_thread;     /* PyThreadState_GetID: never reused, unlike pthread_t */
+    uint64_t lane_generation; /* identity_generation: any fork since voids the lane */
     int64_t *lane_word; /* NULL: this lane has no stripe */
     int64_t *lane_pin;  /* NULL: no pin word */
     int lane_pinned;
@@ -122,8 +122,8 @@ counter_cache_lane(CounterCoreObject *self, PyObject *args)
     self->lane_word = word_p;
     self->lane_pin = pin_p;
     self->lane_pinned = pinned && pin_p != NULL;
-    self->lane_thread = PyThread_get_thread_ident();
-    self->lane_pid = process_pid;
+    self->lane_thread = PyThreadState_GetID(PyThreadState_Get());
+    self->lane_generation = identity_generation;
     self->lane_valid = 1;
     Py_RETURN_NONE;
 }
@@ -138,8 +138,8 @@ counter_uncache_lane(CounterCoreObject *self, PyObject *Py_UNUSED(ignored))
 static inline int
 lane_is_mine(CounterCoreObject *self)
 {
-    return self->lane_valid && self->lane_pid == process_pid &&
-           self->lane_thread == PyThread_get_thread_ident();
+    return self->lane_valid && self->lane_generation == identity_generation &&
+           self->lane_thread == PyThreadState_GetID(PyThreadState_Get());
 }
 
 /* The single optional argument ``n`` of add() and add_and_get(); NULL: absent (n = 1). */

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import math
 import os
 import threading
 import time
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from .._timeouts import check_timeout
 from ..errors import (
     BufferInUseError,
     DeadlockError,
@@ -63,6 +63,9 @@ if _clocklock is not None:
     _clocklock.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec)]
 
 _process = {"token": 0, "pid": 0}
+# Mappings of mutexes dropped while a thread of this process held them: the thread's robust
+# list points into them, so they must stay mapped (as _core.c's mutex_dealloc does).
+_KEPT: list[Any] = []
 
 
 def set_identity(token: int, pid: int) -> None:
@@ -78,19 +81,6 @@ def set_spin(spins: int) -> None:
         raise InvalidArgumentError("spin count must be in 0..1000000")
 
 
-def _timeout_seconds(timeout: object) -> float | None:
-    """As ``_timeouts.check_timeout``: None (or inf) for forever."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise InvalidArgumentError(
-            f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise InvalidArgumentError(f"timeout must be >= 0 seconds, not {timeout!r}",
-                                   limit=">= 0")
-    return None if math.isinf(timeout) else float(timeout)
-
-
 class RobustMutex:
     """The ctypes twin of ``_core.RobustMutex``: same block, same methods, same errors."""
 
@@ -100,6 +90,7 @@ class RobustMutex:
         "_dead_token",
         "_holder",
         "_recovered",
+        "_waiters",
         "_what",
         "_words",
     )
@@ -107,7 +98,8 @@ class RobustMutex:
     _anchor: Any
     _words: memoryview | None
     _address: int
-    _holder: tuple[int, int] | None  # (pid, thread ident) holding it through this handle
+    _holder: tuple[int, int, int] | None  # (pid, thread ident, futex TID) of the holder
+    _waiters: set[tuple[int, int]]  # (pid, thread ident) of each thread waiting here
     _recovered: bool
     _dead_token: int
     _what: str
@@ -124,7 +116,17 @@ class RobustMutex:
         self._recovered = False
         self._dead_token = 0
         self._what = "Mutex"
+        self._waiters = set()  # add and discard are atomic under the GIL
         return self
+
+    def __del__(self) -> None:
+        if self._words is not None and self._held_by_recorded_thread():
+            _KEPT.append((self._anchor, self._words))
+
+    def _held_by_recorded_thread(self) -> bool:
+        holder = self._holder
+        return (holder is not None and holder[0] == _process["pid"]
+                and self._futex_tid() == holder[2])
 
     # -- binding ----------------------------------------------------------------------------
 
@@ -185,10 +187,14 @@ class RobustMutex:
     def _unbind(self) -> None:
         if self._words is None:
             return
-        if self._holder is not None and self._holder[0] == _process["pid"]:
+        if self._held_by_recorded_thread():
             raise BufferInUseError(
                 f"{self._what} is held by a thread of this process: release it before closing",
                 obj=self._what, backend="posix")
+        if any(pid == _process["pid"] for pid, _ in list(self._waiters)):
+            raise BufferInUseError(
+                f"{self._what} is being waited for by a thread of this process: it cannot be "
+                "closed under that wait", obj=self._what, backend="posix")
         self._anchor = None  # its export first, or the view could not be released
         self._words.release()
         self._words, self._address = None, 0
@@ -214,7 +220,7 @@ class RobustMutex:
         else:
             self._recovered, self._dead_token = False, 0
         words[_TOKEN_WORD] = _process["token"]
-        self._holder = (_process["pid"], threading.get_ident())
+        self._holder = (_process["pid"], threading.get_ident(), self._futex_tid())
 
     def _failed(self, rc: int) -> None:
         if rc == errno.EDEADLK:
@@ -234,7 +240,7 @@ class RobustMutex:
         if timeout is not None and not blocking:
             raise InvalidArgumentError("a timeout makes no sense with blocking=False",
                                        obj=self._what, backend="posix")
-        seconds = _timeout_seconds(timeout)
+        seconds = check_timeout(timeout)
         rc = _trylock(self._address)
         if rc in (0, errno.EOWNERDEAD):
             self._took(rc)
@@ -251,7 +257,12 @@ class RobustMutex:
             if deadline is not None and now >= deadline:
                 return False
             until = now + _SLICE if deadline is None else min(deadline, now + _SLICE)
-            rc = self._lock_until(until)
+            me = (_process["pid"], threading.get_ident())
+            self._waiters.add(me)  # _unbind refuses meanwhile: the block must stay mapped
+            try:
+                rc = self._lock_until(until)
+            finally:
+                self._waiters.discard(me)
             if rc in (0, errno.EOWNERDEAD):
                 self._took(rc)
                 return True
@@ -273,7 +284,7 @@ class RobustMutex:
     def release(self) -> None:
         """As the compiled ``RobustMutex.release``."""
         words = self._block()
-        if self._holder != (_process["pid"], threading.get_ident()):
+        if not self._held_here():
             self._not_owner()
         mine, words[_TOKEN_WORD] = words[_TOKEN_WORD], 0
         self._holder = None
@@ -312,8 +323,8 @@ class RobustMutex:
         return self._futex_tid() != 0
 
     def _held_here(self) -> bool:
-        return self._words is not None and \
-            self._holder == (_process["pid"], threading.get_ident())
+        return (self._words is not None and self._held_by_recorded_thread()
+                and self._holder is not None and self._holder[1] == threading.get_ident())
 
     @property
     def owner(self) -> int | None:

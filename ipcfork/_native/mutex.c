@@ -29,6 +29,9 @@ typedef struct {
     int held;            /* holder_thread of holder_pid holds it through this handle */
     int recovered;       /* that holding found the previous holder dead */
     uint64_t dead_token; /* the dead holder's token, 0 if it died before writing it */
+    unsigned int holder_tid; /* the futex word's TID when this handle took it */
+    int waiters;         /* threads of waiters_pid inside wait_lock on this handle */
+    long waiters_pid;
 } RobustMutexObject;
 
 static inline pthread_mutex_t *
@@ -61,11 +64,19 @@ check_bound(RobustMutexObject *self)
     return -1;
 }
 
+/* The thread recorded by this handle still holds the mutex: its TID is in the futex word
+ * (the kernel clears it when that thread dies, and a later holder puts its own there). */
+static inline int
+held_by_recorded_thread(RobustMutexObject *self)
+{
+    return self->held && self->holder_pid == process_pid &&
+           (futex_word(self) & FUTEX_TID_MASK) == self->holder_tid;
+}
+
 static inline int
 held_here(RobustMutexObject *self)
 {
-    return self->held && self->holder_pid == process_pid &&
-           pthread_equal(self->holder_thread, pthread_self());
+    return held_by_recorded_thread(self) && pthread_equal(self->holder_thread, pthread_self());
 }
 
 /* Bookkeeping once pthread_mutex_*lock returned 0 or EOWNERDEAD: we hold the mutex. */
@@ -76,7 +87,9 @@ took(RobustMutexObject *self, int rc)
     if (rc == EOWNERDEAD) {
         /* A clean release zeroes the token before unlocking, so a token here is the dead
          * holder's; zero means it died before recording itself. */
-        self->dead_token = __atomic_load_n(token, __ATOMIC_RELAXED);
+        /* Read and clear: if this taker dies before recording itself, the next one must
+         * not blame the holder before it. */
+        self->dead_token = __atomic_exchange_n(token, 0, __ATOMIC_RELAXED);
         self->recovered = 1;
         pthread_mutex_consistent(mutex_of(self));
         __atomic_fetch_add(word_of(self, RECOVERIES_OFFSET), 1, __ATOMIC_RELAXED);
@@ -85,6 +98,7 @@ took(RobustMutexObject *self, int rc)
         self->dead_token = 0;
     }
     __atomic_store_n(token, process_token, __ATOMIC_RELAXED);
+    self->holder_tid = futex_word(self) & FUTEX_TID_MASK; /* ours: we hold it */
     self->holder_thread = pthread_self();
     self->holder_pid = process_pid;
     self->held = 1;
@@ -162,9 +176,15 @@ wait_lock(RobustMutexObject *self, double timeout)
             until.tv_nsec -= NS;
         }
         int rc;
+        if (self->waiters_pid != process_pid) { /* counts inherited through fork are void */
+            self->waiters = 0;
+            self->waiters_pid = process_pid;
+        }
+        self->waiters++; /* _unbind refuses meanwhile: the block must stay mapped */
         Py_BEGIN_ALLOW_THREADS
         rc = pthread_mutex_clocklock(mutex_of(self), CLOCK_MONOTONIC, &until);
         Py_END_ALLOW_THREADS
+        self->waiters--;
         if (rc == 0 || rc == EOWNERDEAD) {
             took(self, rc);
             return 1;
@@ -412,9 +432,16 @@ mutex_unbind(RobustMutexObject *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->block == NULL)
         Py_RETURN_NONE;
-    if (self->held && self->holder_pid == process_pid) {
+    if (held_by_recorded_thread(self)) {
         raise_ipc(BufferInUseError, self->what,
                   "%S is held by a thread of this process: release it before closing",
+                  self->what);
+        return NULL;
+    }
+    if (self->waiters > 0 && self->waiters_pid == process_pid) {
+        raise_ipc(BufferInUseError, self->what,
+                  "%S is being waited for by a thread of this process: it cannot be closed "
+                  "under that wait",
                   self->what);
         return NULL;
     }
@@ -457,7 +484,7 @@ mutex_dealloc(RobustMutexObject *self)
     PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     if (self->block != NULL) {
-        if (self->held && self->holder_pid == process_pid) {
+        if (held_by_recorded_thread(self)) {
             /* Dropped while held here: keep the mapping for good rather than unmap memory
              * that this thread's robust list still points into. */
             self->view.obj = NULL;

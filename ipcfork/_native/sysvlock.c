@@ -8,15 +8,17 @@
  *
  * Being C methods, ``__exit__`` and ``release`` cannot be interrupted by a Python signal
  * handler between their start and the semop that gives the lock back (a Python method can:
- * at its first instruction), and ``acquire`` records the holder in the same C call that
- * took the semaphore.  Timed and non-blocking acquires go to Python's ``_acquire_slowly``,
- * which calls ``_took()`` once it has the semaphore.
+ * at its first instruction), and every ``acquire`` (blocking, timed or not) records the
+ * holder in the same C call that took the semaphore.
  */
 #include "core.h"
 
 #include <errno.h>
 #include <string.h>
 #include <sys/sem.h>
+#include <time.h>
+
+#define SLICE 0.02 /* seconds: a waiter runs Python signal handlers at least this often */
 
 typedef struct {
     PyObject_HEAD
@@ -28,6 +30,8 @@ typedef struct {
     int recovered;      /* that holding found the previous holder dead */
     uint64_t dead_token;
     PyObject *what;
+    int waiters;        /* threads of waiters_pid blocked in semop on this handle */
+    long waiters_pid;
 } SysvLockObject;
 
 static int
@@ -35,8 +39,8 @@ sysv_bound(SysvLockObject *self)
 {
     if (self->owner != NULL)
         return 0;
-    raise_ipc(ObjectClosedError, self->what, "%S is closed in this process",
-              self->what ? self->what : Py_None);
+    raise_ipc_backend(ObjectClosedError, self->what, "sysv", "%S is closed in this process",
+                      self->what ? self->what : Py_None);
     return -1;
 }
 
@@ -52,17 +56,24 @@ sysv_record(SysvLockObject *self)
     self->held = 1;
 }
 
+/* A semop that failed for another reason than "busy" or a signal. */
 static PyObject *
-sysv_slow(SysvLockObject *self, PyObject *blocking, PyObject *timeout)
+sysv_failed(SysvLockObject *self, int code)
 {
-    return PyObject_CallMethod((PyObject *)self, "_acquire_slowly", "OO",
-                               blocking ? blocking : Py_True, timeout ? timeout : Py_None);
+    if (code == EIDRM || code == EINVAL)
+        raise_ipc_backend(ObjectNotFoundError, self->what, "sysv",
+                          "%S was removed (semaphore set id %d)", self->what, self->semid);
+    else
+        raise_errno(code, self->what, "acquire");
+    return NULL;
 }
 
-/* The untimed blocking take: a non-blocking semop first (no GIL release when it is free),
- * then a blocking one with the GIL released, retried after signal handlers ran. */
+/* Take the lock: a non-blocking semop first (no GIL release when it is free); then, if
+ * ``blocking``, semtimedop in slices of SLICE seconds with the GIL released, running
+ * signal handlers between slices, until ``timeout`` (< 0: forever).  The holder is
+ * recorded in the same C call that took the semaphore, so no Python code runs between. */
 static PyObject *
-sysv_take(SysvLockObject *self)
+sysv_take(SysvLockObject *self, int blocking, double timeout)
 {
     if (sysv_bound(self) < 0)
         return NULL;
@@ -71,24 +82,49 @@ sysv_take(SysvLockObject *self)
         sysv_record(self);
         Py_RETURN_TRUE;
     }
+    if (errno != EAGAIN && errno != EINTR)
+        return sysv_failed(self, errno);
+    if (!blocking || timeout == 0)
+        Py_RETURN_FALSE;
     op.sem_flg = SEM_UNDO;
+    double deadline = timeout < 0 ? -1.0 : monotonic_now() + timeout;
     for (;;) {
-        if (errno != EAGAIN && errno != EINTR)
-            return sysv_slow(self, Py_True, Py_None); /* removed, say: Python names it */
+        double slice = SLICE;
+        if (deadline >= 0) {
+            double left = deadline - monotonic_now();
+            if (left <= 0)
+                Py_RETURN_FALSE;
+            if (left < slice)
+                slice = left;
+        }
+        struct timespec span = {(time_t)slice, (long)((slice - (double)(time_t)slice) * 1e9)};
+        if (self->waiters_pid != process_pid) { /* counts inherited through fork are void */
+            self->waiters = 0;
+            self->waiters_pid = process_pid;
+        }
+        self->waiters++; /* _sysv_unbind refuses meanwhile */
         int rc, saved;
         Py_BEGIN_ALLOW_THREADS
-        rc = semop(self->semid, &op, 1);
+        rc = semtimedop(self->semid, &op, 1, &span);
         saved = errno;
         Py_END_ALLOW_THREADS
+        self->waiters--;
         if (rc == 0) {
+            if (self->owner == NULL) { /* cannot happen with the refusal; never write NULL */
+                struct sembuf back = {0, 1, SEM_UNDO | IPC_NOWAIT};
+                semop(self->semid, &back, 1);
+                sysv_bound(self);
+                return NULL;
+            }
             sysv_record(self);
             Py_RETURN_TRUE;
         }
-        if (saved == EINTR && PyErr_CheckSignals() < 0)
+        if (saved != EAGAIN && saved != EINTR)
+            return sysv_failed(self, saved);
+        if (PyErr_CheckSignals() < 0)
             return NULL; /* a handler raised (Ctrl-C): nothing was taken */
         if (sysv_bound(self) < 0)
             return NULL; /* a handler closed this handle */
-        errno = saved;
     }
 }
 
@@ -96,32 +132,46 @@ static PyObject *
 sysv_acquire(SysvLockObject *self, PyObject *const *args, Py_ssize_t nargs,
              PyObject *kwnames)
 {
-    PyObject *blocking = nargs >= 1 ? args[0] : NULL, *timeout = nargs >= 2 ? args[1] : NULL;
+    PyObject *blocking_arg = nargs >= 1 ? args[0] : NULL;
+    PyObject *timeout_arg = nargs >= 2 ? args[1] : NULL;
     if (nargs > 2) {
         PyErr_Format(PyExc_TypeError, "acquire() takes at most 2 arguments (%zd given)", nargs);
         return NULL;
     }
     for (Py_ssize_t i = 0; kwnames && i < PyTuple_GET_SIZE(kwnames); i++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_CompareWithASCIIString(key, "blocking") == 0 && blocking == NULL)
-            blocking = args[nargs + i];
-        else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 && timeout == NULL)
-            timeout = args[nargs + i];
+        if (PyUnicode_CompareWithASCIIString(key, "blocking") == 0 && blocking_arg == NULL)
+            blocking_arg = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 && timeout_arg == NULL)
+            timeout_arg = args[nargs + i];
         else {
             PyErr_Format(PyExc_TypeError,
                          "acquire() got an unexpected or repeated keyword argument '%U'", key);
             return NULL;
         }
     }
-    if ((blocking == NULL || blocking == Py_True) && (timeout == NULL || timeout == Py_None))
-        return sysv_take(self);
-    return sysv_slow(self, blocking, timeout);
+    if (sysv_bound(self) < 0)
+        return NULL;
+    int blocking = blocking_arg == NULL ? 1 : PyObject_IsTrue(blocking_arg);
+    if (blocking < 0)
+        return NULL;
+    double timeout = -1.0;
+    if (timeout_arg != NULL && timeout_arg != Py_None) {
+        if (!blocking) {
+            raise_ipc_backend(InvalidArgumentError, self->what, "sysv",
+                              "a timeout makes no sense with blocking=False");
+            return NULL;
+        }
+        if (parse_timeout(timeout_arg, &timeout) < 0)
+            return NULL;
+    }
+    return sysv_take(self, blocking, timeout);
 }
 
 static PyObject *
 sysv_enter(SysvLockObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return sysv_take(self);
+    return sysv_take(self, 1, -1.0);
 }
 
 static PyObject *
@@ -153,15 +203,6 @@ sysv_exit(SysvLockObject *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_
     Py_RETURN_FALSE;
 }
 
-static PyObject *
-sysv_took(SysvLockObject *self, PyObject *Py_UNUSED(ignored))
-{
-    if (sysv_bound(self) < 0)
-        return NULL;
-    sysv_record(self);
-    Py_RETURN_NONE;
-}
-
 /* _sysv_bind(semid, owner_buffer, what): the set's id and the memory of the owner word. */
 static PyObject *
 sysv_bind(SysvLockObject *self, PyObject *args)
@@ -180,7 +221,8 @@ sysv_bind(SysvLockObject *self, PyObject *args)
         return NULL;
     if (self->view.len < 8 || (uintptr_t)self->view.buf % 8 != 0) {
         PyBuffer_Release(&self->view);
-        raise_ipc(InvalidArgumentError, what, "%S: the owner word needs 8 aligned bytes", what);
+        raise_ipc_backend(InvalidArgumentError, what, "sysv",
+                          "%S: the owner word needs 8 aligned bytes", what);
         return NULL;
     }
     self->semid = semid;
@@ -192,6 +234,17 @@ sysv_bind(SysvLockObject *self, PyObject *args)
 static PyObject *
 sysv_unbind(SysvLockObject *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->owner != NULL && self->waiters > 0 && self->waiters_pid == process_pid) {
+        raise_ipc_backend(BufferInUseError, self->what, "sysv",
+                          "%S is being waited for by a thread of this process: it cannot be "
+                          "closed under that wait", self->what);
+        return NULL;
+    }
+    if (self->owner != NULL && self->held && self->holder_pid == process_pid) {
+        raise_ipc_backend(BufferInUseError, self->what, "sysv",
+                          "%S is held by this process: release it before closing", self->what);
+        return NULL;
+    }
     if (self->owner != NULL) {
         self->owner = NULL;
         PyBuffer_Release(&self->view);
@@ -267,7 +320,6 @@ static PyMethodDef sysv_methods[] = {
      "it."},
     {"__enter__", (PyCFunction)sysv_enter, METH_NOARGS, "Take the mutex."},
     {"__exit__", (PyCFunction)(void (*)(void))sysv_exit, METH_FASTCALL, "Give it back."},
-    {"_took", (PyCFunction)sysv_took, METH_NOARGS, "Record this process as the holder."},
     {"_sysv_bind", (PyCFunction)sysv_bind, METH_VARARGS,
      "_sysv_bind(semid, owner_buffer, what)."},
     {"_sysv_unbind", (PyCFunction)sysv_unbind, METH_NOARGS, "Release the owner buffer."},
