@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["CpuWatch", "gc_off", "markdown_table", "rotated", "verdict"]
+__all__ = ["CpuWatch", "core_path", "gc_off", "markdown_table", "rotated", "verdict"]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -48,6 +48,15 @@ def markdown_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> 
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "NOT MET"
+
+
+def core_path() -> str:
+    """Which path of ipcfork's native core this process uses, and why (for environment
+    lines: the compiled extension and the ctypes fallback differ several-fold)."""
+    from ipcfork import _native
+
+    return f"ipcfork core: {_native.PATH} ({_native.WHY})"
+
 
 class CpuWatch:
     """How many CPUs other processes kept busy while a block ran (noise indicator).

@@ -1,26 +1,40 @@
-"""Benchmark ipcfork's locks against raw sysv_ipc / posix_ipc and the standard library.
+"""Benchmark ipcfork's locks against multiprocessing, raw sysv_ipc / posix_ipc and flock.
 
 Run from the repository root::
 
-    python benchmarks/bench_primitives.py            # full: ~70 s on 2 quiet cores, <= ~2 min
-    python benchmarks/bench_primitives.py --quick    # smoke run: ~15 s
+    python benchmarks/bench_primitives.py                  # full: ~2 min on 2 quiet cores
+    python benchmarks/bench_primitives.py --quick          # smoke run: ~20 s
+    IPCFORK_PURE=1 python benchmarks/bench_primitives.py   # the same on the ctypes fallback
 
 Options: ``--reps N`` (repetitions), ``-k N`` (increments per child), ``--retries N``
-(extra attempts for a contended run disturbed by other processes; see below).
+(extra attempts for a contended run disturbed by other processes; see below), ``--spins
+LIST`` (the spin counts section 3 compares, e.g. ``0,100,2000``; ``none`` skips it),
+``--only LIST`` (run only these sections, e.g. ``--only 3 --reps 15`` for the spin count).
+
+The environment line names the native core's path in use (``ipcfork._native.PATH``:
+"compiled", the C extension, or "ctypes", the fallback chosen by ``IPCFORK_PURE=1`` or
+when the extension is not built) and why (``ipcfork._native.WHY``): the two differ
+several-fold, so a figure means nothing without it.
 
 What is measured
 ----------------
 1. **Uncontended acquire + release**, in nanoseconds per pair, one process: ipcfork
-   ``Mutex`` (posix and sysv backends), raw ``posix_ipc.Semaphore`` (``acquire()`` /
-   ``release()``), raw ``sysv_ipc.Semaphore`` with ``undo=True``, ``multiprocessing.Lock``,
+   ``Mutex`` (posix backend, the default: a robust process-shared pthread mutex whose
+   methods are C on the compiled path; and the sysv backend), ``multiprocessing.Lock``
+   (the peer), raw ``sysv_ipc.Semaphore`` with ``undo=True``, raw ``posix_ipc.Semaphore``,
    ``fcntl.flock`` (LOCK_EX / LOCK_UN on a temporary file) and ipcfork ``Semaphore`` (both
-   backends).  Two extra rows time ``with mutex: pass``, the form section 2 uses.  Each
-   variant runs a timeit-style loop (bound methods in locals, garbage collector off) whose
-   length is calibrated once per variant; within a repetition a variant keeps the best of
-   3 slices of that loop (timeit's advice: slower slices measure interruptions).  The
-   loop's own cost (printed) is included in every figure.  Ratios are to raw
-   ``posix_ipc.Semaphore``; the target lines compare each ipcfork mutex with the raw
-   semaphore of its own backend (posix: within 3x, sysv: within 1.3x).
+   backends); each as ``acquire()`` then ``release()`` through bound methods, and the
+   Mutexes and ``multiprocessing.Lock`` also as ``with lock: pass``.  Each variant runs a
+   timeit-style loop (bound methods in locals, garbage collector off) whose length is
+   calibrated once per variant; within a repetition a variant keeps the best of 3 slices
+   of that loop (timeit's advice: slower slices measure interruptions).  The loop's own
+   cost (printed) is included in every figure.  Ratios are to ``multiprocessing.Lock``'s
+   acquire + release.  Targets:
+
+   - posix ``Mutex`` ``acquire()`` + ``release()`` / ``multiprocessing.Lock``'s: <= 1.2x;
+   - posix ``Mutex`` ``with lock: pass`` / ``multiprocessing.Lock``'s ``with``: <= 1.0x;
+   - sysv ``Mutex`` ``acquire()`` + ``release()`` / raw ``sysv_ipc.Semaphore``
+     (``undo=True``)'s: <= 1.3x.
 2. **Two contending processes**, in increments per second: two forked children each run
    ``with lock: counter[0] += 1`` K times on a 64-bit counter in shared memory.  Both
    children park on a pipe until the parent writes the start signal, then meet at a
@@ -31,10 +45,17 @@ What is measured
    and exit costs are excluded.  Each child is reaped with ``os.waitpid``; a child that
    fails or hangs (120 s) aborts the benchmark.
    Variants: ipcfork ``Mutex`` (posix, the default, and sysv), ``multiprocessing.Value('q')``
-   with its own ``get_lock()`` (an RLock, the reference), ``multiprocessing.RawValue`` +
-   ``multiprocessing.Lock``, raw posix_ipc / sysv_ipc (``undo=True``) semaphores and an
-   unguarded counter (whose lost updates are reported).  Every guarded run's final count
-   is checked against 2 * K.  Target: the default Mutex at least 1.5x the reference.
+   with its own ``get_lock()`` (``with v.get_lock(): v.value += 1``; an RLock; the
+   reference), ``multiprocessing.RawValue`` + ``multiprocessing.Lock``, raw posix_ipc /
+   sysv_ipc (``undo=True``) semaphores and an unguarded counter (whose lost updates are
+   reported).  Every guarded run's final count is checked against 2 * K.  Target: the
+   default Mutex at least 3x the reference.
+3. **Spin count** (compiled path only; the ctypes fallback never spins): section 2's
+   default-Mutex run with ``ipcfork._native._impl.set_spin(n)`` set before the children
+   fork, for each n of ``--spins`` (default 0, 50, 100, 400, 2000; the library's default
+   is ``ipcfork._native.SPINS``, 100 on more than one CPU), beside the same reference, in
+   the same round-robin.  A contended compiled ``acquire`` polls the lock word that many
+   times (with a pause instruction) before it sleeps on the futex.
 
 Method: every variant is warmed up, then each repetition runs all variants once in
 rotated order (round-robin), so machine noise hits all alike; tables show medians over
@@ -45,7 +66,8 @@ children then share one CPU and hardly contend), and rates move by 2-3x.  The sc
 therefore measures how many CPUs other processes kept busy (``/proc/stat`` minus its own
 and its children's CPU time) and prints it; a contended run during which that exceeded
 0.25 CPU gets one more attempt (``--retries``), keeping the quieter one, and a warning
-counts the runs that stayed disturbed.
+counts the runs that stayed disturbed.  Section 1 prints the same measure for its whole
+duration.
 
 Cleanup: every IPC object is removed before exit (raw POSIX semaphores are unlinked right
 after creation, raw SysV ones removed at the end), and the script checks that
@@ -79,10 +101,10 @@ from typing import Any
 
 import posix_ipc
 import sysv_ipc
-from _common import CpuWatch, gc_off, markdown_table, rotated, verdict
+from _common import CpuWatch, core_path, gc_off, markdown_table, rotated, verdict
 
 import ipcfork
-from ipcfork import testing
+from ipcfork import _native, testing
 
 Timer = Callable[[int], float]  # runs a loop of n iterations, returns seconds
 Body = Callable[[int], None]  # a child's work: k guarded increments
@@ -99,6 +121,7 @@ class Config:
     pair_seconds: float  # target duration of one uncontended timing
     k: int  # increments per child in the contended runs
     retries: int  # extra attempts for a contended run disturbed by other processes
+    spins: tuple[int, ...] = (0, 50, 100, 400, 2000)  # section 3's spin counts
     child_timeout: float = 120.0  # seconds before a contended run is declared hung
 
 
@@ -111,12 +134,6 @@ QUIET = 0.25  # CPUs busy with other processes above which a contended run is di
 # -- helpers ----------------------------------------------------------------------------
 
 
-
-
-
-
-
-
 def environment_line() -> str:
     affinity = len(os.sched_getaffinity(0))
     return (
@@ -125,19 +142,24 @@ def environment_line() -> str:
         f" | posix_ipc {posix_ipc.VERSION} | nproc {affinity} (cpu_count {os.cpu_count()})"
         f" | kernel {platform.system()} {platform.release()} {platform.machine()}"
         f" | load {os.getloadavg()[0]:.2f}"
+        f" | {core_path()}, spin count {_native.SPINS}"
     )
 
 
 _PID_TAG = re.compile(r"ipcfork[^.]*\.(\d+)\.")  # ipcfork names carry their creator's pid
+# posix_ipc's generated names (``Semaphore(None, ...)``): lower-case letters only
+_POSIX_IPC_RANDOM = re.compile(r"(sem\.)?[a-z]+")
 
 
 def own_ipc_objects() -> set[str]:
     """IPC objects on the machine that this run could have made.
 
     Everything this script creates is anonymous: SysV objects are IPC_PRIVATE (key 0;
-    for shared memory, made by this process) and POSIX ones live in /dev/shm, where
-    names tagged with another process's pid are skipped.  Other processes' IPC_PRIVATE
-    semaphores cannot be told apart, so compare a listing from before with one after.
+    for shared memory, made by this process) and POSIX ones live in /dev/shm, named
+    either by ipcfork (tagged with this process's pid; other pids are skipped) or by
+    posix_ipc (lower-case letters only); other names belong to other programs.  Other
+    processes' IPC_PRIVATE semaphores cannot be told apart, so compare a listing from
+    before with one after.
     """
     me = os.getpid()
     found = set()
@@ -150,14 +172,10 @@ def own_ipc_objects() -> set[str]:
                     found.add(f"sysv {kind} id {row[header[1]]}")
     for name in os.listdir("/dev/shm"):
         tag = _PID_TAG.search(name)
-        if tag is None or int(tag.group(1)) == me:
+        if (int(tag.group(1)) == me if tag is not None
+                else _POSIX_IPC_RANDOM.fullmatch(name) is not None):
             found.add(f"/dev/shm/{name}")
     return found
-
-
-
-
-
 
 
 # -- section 1: uncontended acquire + release --------------------------------------------
@@ -232,19 +250,36 @@ def _raw_sysv_sem(stack: ExitStack) -> Any:
     return sem
 
 
+MP_LOCK = "multiprocessing.Lock"
+MP_LOCK_WITH = "multiprocessing.Lock, `with l: pass`"
+POSIX_MUTEX = "ipcfork Mutex (posix, default)"
+POSIX_MUTEX_WITH = "ipcfork Mutex (posix), `with m: pass`"
+SYSV_MUTEX = "ipcfork Mutex (sysv)"
+RAW_SYSV = "raw sysv_ipc.Semaphore (undo=True)"
+# (mine, peer, limit): section 1's targets, ratios of ns per pair (lower is better)
+UNCONTENDED_TARGETS = (
+    (POSIX_MUTEX, MP_LOCK, 1.2),
+    (POSIX_MUTEX_WITH, MP_LOCK_WITH, 1.0),
+    (SYSV_MUTEX, RAW_SYSV, 1.3),
+)
+
+
 def uncontended_variants(stack: ExitStack) -> list[tuple[str, Timer]]:
     """(label, timer) for every section-1 variant; the objects live until ``stack`` closes."""
     variants: list[tuple[str, Timer]] = []
-    for backend in ("posix", "sysv"):
-        lock = _ipcfork_mutex(backend, stack)
-        variants.append((f"ipcfork Mutex ({backend})", pair_timer(lock.acquire, lock.release)))
+    posix_lock = _ipcfork_mutex("posix", stack)
+    mp_lock = MP.Lock()
+    variants.append((POSIX_MUTEX, pair_timer(posix_lock.acquire, posix_lock.release)))
+    variants.append((MP_LOCK, pair_timer(mp_lock.acquire, mp_lock.release)))
+    variants.append((POSIX_MUTEX_WITH, with_timer(posix_lock)))
+    variants.append((MP_LOCK_WITH, with_timer(mp_lock)))
+    sysv_lock = _ipcfork_mutex("sysv", stack)
+    variants.append((SYSV_MUTEX, pair_timer(sysv_lock.acquire, sysv_lock.release)))
+    sysv_sem = _raw_sysv_sem(stack)
+    variants.append((RAW_SYSV, pair_timer(sysv_sem.acquire, sysv_sem.release)))
+    variants.append(("ipcfork Mutex (sysv), `with m: pass`", with_timer(sysv_lock)))
     posix_sem = _raw_posix_sem(stack)
     variants.append(("raw posix_ipc.Semaphore", pair_timer(posix_sem.acquire, posix_sem.release)))
-    sysv_sem = _raw_sysv_sem(stack)
-    variants.append(("raw sysv_ipc.Semaphore (undo=True)",
-                     pair_timer(sysv_sem.acquire, sysv_sem.release)))
-    mp_lock = MP.Lock()
-    variants.append(("multiprocessing.Lock", pair_timer(mp_lock.acquire, mp_lock.release)))
     tmp = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the stack
     stack.callback(tmp.close)
     variants.append(("fcntl.flock LOCK_EX/LOCK_UN", flock_timer(tmp.fileno())))
@@ -252,9 +287,6 @@ def uncontended_variants(stack: ExitStack) -> list[tuple[str, Timer]]:
         sem = ipcfork.Semaphore(1, backend=backend)
         stack.callback(sem.close)
         variants.append((f"ipcfork Semaphore ({backend})", pair_timer(sem.acquire, sem.release)))
-    for backend in ("posix", "sysv"):
-        lock = _ipcfork_mutex(backend, stack)
-        variants.append((f"ipcfork Mutex ({backend}), `with m: pass`", with_timer(lock)))
     return variants
 
 
@@ -286,7 +318,7 @@ def section_uncontended(cfg: Config) -> None:
             empty.append(empty_timer(empty_n) / empty_n * 1e9)
         background = watch.background()
 
-    ref = "raw posix_ipc.Semaphore"
+    ref = MP_LOCK
     med = {label: statistics.median(values) for label, values in samples.items()}
     rows = [
         (label, f"{med[label]:,.0f} ns",
@@ -298,13 +330,10 @@ def section_uncontended(cfg: Config) -> None:
           f"{cfg.pair_seconds / SUB_RUNS * 1e3:.0f} ms; every figure includes the loop's own "
           f"cost of {statistics.median(empty):.0f} ns per iteration; other processes kept "
           f"{background:.2f} CPUs busy meanwhile.\n")
-    for mine, raw, limit in (
-        ("ipcfork Mutex (posix)", "raw posix_ipc.Semaphore", 3.0),
-        ("ipcfork Mutex (sysv)", "raw sysv_ipc.Semaphore (undo=True)", 1.3),
-    ):
-        ratio = med[mine] / med[raw]
-        paired = [a / b for a, b in zip(samples[mine], samples[raw], strict=True)]
-        print(f"- target: {mine} / {raw} = {ratio:.2f}x (per-repetition "
+    for mine, peer, limit in UNCONTENDED_TARGETS:
+        ratio = med[mine] / med[peer]
+        paired = [a / b for a, b in zip(samples[mine], samples[peer], strict=True)]
+        print(f"- target: {mine} / {peer} = {ratio:.2f}x (per-repetition "
               f"{min(paired):.2f}x..{max(paired):.2f}x), target <= {limit}x: "
               f"{verdict(ratio <= limit)}")
 
@@ -410,6 +439,7 @@ def _unguarded_setup(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
 
 REFERENCE = "multiprocessing.Value('q') + get_lock()"
 DEFAULT_MUTEX = "ipcfork Mutex (posix, default)"
+CONTENDED_TARGET = 3.0  # the default Mutex's rate / the reference's, at least
 CONTENDED: list[Contended] = [
     Contended(DEFAULT_MUTEX, _ipcfork_setup("posix")),
     Contended("ipcfork Mutex (sysv)", _ipcfork_setup("sysv")),
@@ -523,41 +553,97 @@ def run_contended(variant: Contended, k: int, stamps: memoryview[float],
     return Run(2 * k / wall, count, both / wall, background)
 
 
+def measure_contended(cfg: Config, variants: list[Contended], stamps: memoryview[float]
+                      ) -> tuple[dict[str, Results], bool]:
+    """Warm every variant up, then run them round-robin ``cfg.reps`` times; the results per
+    label, and False if a guarded warm-up count was wrong (measured counts are kept in the
+    results and checked by the caller)."""
+    results = {v.label: Results() for v in variants}
+    ok = True
+    for variant in variants:  # warm-up, discarded (counts still checked)
+        warm = max(1000, cfg.k // 10)
+        count = run_contended(variant, warm, stamps, cfg.child_timeout).count
+        if variant.guarded and count != 2 * warm:
+            print(f"warm-up: {variant.label} final count {count:,} != {2 * warm:,}")
+            ok = False
+    for rep in range(cfg.reps):
+        for variant in rotated(variants, rep):
+            res = results[variant.label]
+            kept: Run | None = None
+            for _attempt in range(1 + cfg.retries):
+                run = run_contended(variant, cfg.k, stamps, cfg.child_timeout)
+                res.counts.append(run.count)  # every attempt's count is checked
+                if kept is not None:
+                    res.retried += 1
+                if kept is None or run.background < kept.background:
+                    kept = run
+                if run.background <= QUIET:
+                    break
+            assert kept is not None
+            res.rates.append(kept.rate)
+            res.overlaps.append(kept.overlap)
+            res.backgrounds.append(kept.background)
+    return results, ok
+
+
+def _details(r: Results) -> str:
+    return (f"{min(r.rates) / 1e3:,.0f}k..{max(r.rates) / 1e3:,.0f}k/s; overlap "
+            f"{statistics.median(r.overlaps):.0%}; background "
+            f"{statistics.median(r.backgrounds):.2f} CPU")
+
+
+def _counts_ok(variant: Contended, r: Results, expected: int) -> bool:
+    """Print the final counts of ``variant``'s attempts; False if a guarded one was wrong."""
+    counts = r.counts
+    if variant.guarded:
+        good = all(c == expected for c in counts)
+        shown = ", ".join(f"{c:,}" for c in sorted(set(counts)))
+        print(f"- {variant.label}: {shown} -> "
+              f"{'OK' if good else 'WRONG'} in {sum(c == expected for c in counts)}"
+              f"/{len(counts)} attempts; {_details(r)}")
+        return good
+    lost = [100.0 * (expected - c) / expected for c in counts]
+    print(f"- {variant.label}: final counts {min(counts):,}..{max(counts):,}; lost updates "
+          f"median {statistics.median(lost):.1f}% "
+          f"(range {min(lost):.1f}%..{max(lost):.1f}%); {_details(r)}")
+    return True
+
+
+def _disturbed_warning(results: dict[str, Results]) -> None:
+    disturbed = sum(b > QUIET for r in results.values() for b in r.backgrounds)
+    kept = sum(len(r.backgrounds) for r in results.values())
+    if disturbed:
+        print(f"\nWARNING: in {disturbed} of the {kept} kept runs other processes still kept "
+              f"more than {QUIET} of the {len(os.sched_getaffinity(0))} CPUs busy; two "
+              "contenders then share fewer CPUs and the rates change regime.  Re-run on a "
+              "quiet machine.")
+
+
+def _target_line(results: dict[str, Results], mine: str, limit: float) -> str:
+    ratio = statistics.median(results[mine].rates) / statistics.median(
+        results[REFERENCE].rates)
+    paired = [a / b for a, b in zip(results[mine].rates, results[REFERENCE].rates,
+                                    strict=True)]
+    return (f"- target: {mine} / {REFERENCE} = {ratio:.2f}x (per-repetition "
+            f"{min(paired):.2f}x..{max(paired):.2f}x), target >= {limit}x: "
+            f"{verdict(ratio >= limit)}")
+
+
+def _open_stamps(stack: ExitStack) -> memoryview[float]:
+    stamp_shm = ipcfork.SharedMemory(_N_STAMPS * 8)
+    stack.callback(stamp_shm.close)
+    stamps = stamp_shm.buf.cast("d")
+    stack.callback(stamps.release)
+    return stamps
+
+
 def section_contended(cfg: Config) -> bool:
     """Run section 2; False if a guarded count was wrong."""
     k, expected = cfg.k, 2 * cfg.k
     print(f"\n## 2. Two processes contending, K = {k:,} increments each "
           "(increments/s, higher is better)\n")
-    results = {v.label: Results() for v in CONTENDED}
-    ok = True
     with ExitStack() as stack:
-        stamp_shm = ipcfork.SharedMemory(_N_STAMPS * 8)
-        stack.callback(stamp_shm.close)
-        stamps = stamp_shm.buf.cast("d")
-        stack.callback(stamps.release)
-        for variant in CONTENDED:  # warm-up, discarded (counts still checked)
-            warm = max(1000, k // 10)
-            count = run_contended(variant, warm, stamps, cfg.child_timeout).count
-            if variant.guarded and count != 2 * warm:
-                print(f"warm-up: {variant.label} final count {count:,} != {2 * warm:,}")
-                ok = False
-        for rep in range(cfg.reps):
-            for variant in rotated(CONTENDED, rep):
-                res = results[variant.label]
-                kept: Run | None = None
-                for _attempt in range(1 + cfg.retries):
-                    run = run_contended(variant, k, stamps, cfg.child_timeout)
-                    res.counts.append(run.count)  # every attempt's count is checked
-                    if kept is not None:
-                        res.retried += 1
-                    if kept is None or run.background < kept.background:
-                        kept = run
-                    if run.background <= QUIET:
-                        break
-                assert kept is not None
-                res.rates.append(kept.rate)
-                res.overlaps.append(kept.overlap)
-                res.backgrounds.append(kept.background)
+        results, ok = measure_contended(cfg, CONTENDED, _open_stamps(stack))
 
     med = {label: statistics.median(r.rates) for label, r in results.items()}
     rows = [
@@ -575,39 +661,94 @@ def section_contended(cfg: Config) -> bool:
           "rates, the median share of the wall time during which both children were working "
           "('overlap') and the median CPUs other processes kept busy ('background'):")
     for v in CONTENDED:
-        r = results[v.label]
-        counts = r.counts
-        details = (f"{min(r.rates) / 1e3:,.0f}k..{max(r.rates) / 1e3:,.0f}k/s; overlap "
-                   f"{statistics.median(r.overlaps):.0%}; background "
-                   f"{statistics.median(r.backgrounds):.2f} CPU")
-        if v.guarded:
-            good = all(c == expected for c in counts)
-            ok = ok and good
-            shown = ", ".join(f"{c:,}" for c in sorted(set(counts)))
-            print(f"- {v.label}: {shown} -> "
-                  f"{'OK' if good else 'WRONG'} in {sum(c == expected for c in counts)}"
-                  f"/{len(counts)} attempts; {details}")
-        else:
-            lost = [100.0 * (expected - c) / expected for c in counts]
-            print(f"- {v.label}: final counts {min(counts):,}..{max(counts):,}; lost updates "
-                  f"median {statistics.median(lost):.1f}% "
-                  f"(range {min(lost):.1f}%..{max(lost):.1f}%); {details}")
-    disturbed = sum(b > QUIET for r in results.values() for b in r.backgrounds)
-    if disturbed:
-        print(f"\nWARNING: in {disturbed} of the kept runs other processes still kept more "
-              f"than {QUIET} of the {len(os.sched_getaffinity(0))} CPUs busy; two "
-              "contenders then share fewer CPUs and the rates change regime.  Re-run on a "
-              "quiet machine.")
-    ratio = med[DEFAULT_MUTEX] / med[REFERENCE]
-    paired = [a / b for a, b in zip(results[DEFAULT_MUTEX].rates, results[REFERENCE].rates,
-                                    strict=True)]
-    print(f"\n- target: {DEFAULT_MUTEX} / {REFERENCE} = {ratio:.2f}x (per-repetition "
-          f"{min(paired):.2f}x..{max(paired):.2f}x), target >= 1.5x: "
-          f"{verdict(ratio >= 1.5)}")
+        ok = _counts_ok(v, results[v.label], expected) and ok
+    _disturbed_warning(results)
+    print("\n" + _target_line(results, DEFAULT_MUTEX, CONTENDED_TARGET))
     return ok
 
 
+def _spin_setup(spins: int) -> Setup:
+    """Section 2's default Mutex with the compiled core's spin count set to ``spins`` for
+    the run (the children inherit it at fork); the library's default comes back after."""
+    inner = _ipcfork_setup("posix")
+
+    def setup(stack: ExitStack) -> tuple[Body, Callable[[], int]]:
+        _native._impl.set_spin(spins)
+        stack.callback(_native._impl.set_spin, _native.SPINS)
+        return inner(stack)
+
+    return setup
+
+
+def section_spins(cfg: Config) -> bool:
+    """Run section 3 (compiled path only); False if a count was wrong."""
+    k, expected = cfg.k, 2 * cfg.k
+    print(f"\n## 3. Spin count of a contended compiled acquire, K = {k:,} increments each "
+          "(increments/s, higher is better)\n")
+    if _native.PATH != "compiled":
+        print(f"skipped: the {_native.PATH} path never spins (set_spin has no effect there).")
+        return True
+    if not cfg.spins:
+        print("skipped (--spins none).")
+        return True
+    labels = {n: f"ipcfork Mutex (posix), spin {n}" + (" (default)" if n == _native.SPINS
+                                                        else "") for n in cfg.spins}
+    variants = [Contended(labels[n], _spin_setup(n)) for n in cfg.spins]
+    variants.append(Contended(REFERENCE, _mp_value_setup))
+    with ExitStack() as stack:
+        results, ok = measure_contended(cfg, variants, _open_stamps(stack))
+    ref = statistics.median(results[REFERENCE].rates)
+    rows = []
+    for v in variants:
+        r = results[v.label]
+        paired = [a / b for a, b in zip(r.rates, results[REFERENCE].rates, strict=True)]
+        rows.append((v.label, f"{statistics.median(r.rates):,.0f}/s",
+                     f"{min(r.rates) / 1e3:,.0f}k..{max(r.rates) / 1e3:,.0f}k/s",
+                     "1.00x (ref)" if v.label == REFERENCE
+                     else f"{statistics.median(r.rates) / ref:.2f}x",
+                     "" if v.label == REFERENCE
+                     else f"{min(paired):.2f}x..{max(paired):.2f}x",
+                     f"{statistics.median(r.overlaps):.0%}",
+                     f"{statistics.median(r.backgrounds):.2f}"))
+    print(markdown_table(("variant", "median increments/s", "range", "ratio to reference",
+                          "per-repetition ratio", "overlap", "background CPU"), rows))
+    retried = sum(r.retried for r in results.values())
+    print(f"\nreference: {REFERENCE}; {cfg.reps} repetitions, the same method as section 2 "
+          f"({retried} extra attempt(s) made); the library's default spin count is "
+          f"{_native.SPINS}.")
+    bad = [v.label for v in variants if any(c != expected for c in results[v.label].counts)]
+    if bad:
+        print(f"WRONG final counts: {', '.join(bad)}")
+    _disturbed_warning(results)
+    best = max(cfg.spins, key=lambda n: statistics.median(results[labels[n]].rates))
+    print(f"\nbest median: spin {best} "
+          f"({statistics.median(results[labels[best]].rates) / ref:.2f}x the reference)")
+    return ok and not bad
+
+
 # -- main -------------------------------------------------------------------------------
+
+
+def _spin_list(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        spins = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if any(not 0 <= n <= 1_000_000 for n in spins):
+        raise argparse.ArgumentTypeError("spin counts must be in 0..1000000")
+    return spins
+
+
+def _section_list(text: str) -> tuple[int, ...]:
+    try:
+        sections = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of section numbers: {text!r}") from None
+    if not sections or any(n not in (1, 2, 3) for n in sections):
+        raise argparse.ArgumentTypeError("sections are 1, 2 and 3")
+    return sections
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,6 +759,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, help="override K, the increments per child")
     parser.add_argument("--retries", type=int,
                         help="extra attempts for a contended run disturbed by other processes")
+    parser.add_argument("--only", type=_section_list,
+                        help="run only these sections, comma-separated (e.g. 3 or 2,3)")
+    parser.add_argument("--spins", type=_spin_list,
+                        help="spin counts section 3 compares, comma-separated, or 'none' "
+                             "(default 0,50,100,400,2000)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.reps is not None:
@@ -626,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, k=max(1000, args.k))
     if args.retries is not None:
         cfg = replace(cfg, retries=max(0, args.retries))
+    if args.spins is not None:
+        cfg = replace(cfg, spins=args.spins)
 
     print(environment_line())
     print(f"mode: {'quick' if args.quick else 'full'}, {cfg.reps} repetitions, "
@@ -634,8 +782,14 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     counts_ok = False
     try:
-        section_uncontended(cfg)
-        counts_ok = section_contended(cfg)
+        only = args.only or (1, 2, 3)
+        counts_ok = True
+        if 1 in only:
+            section_uncontended(cfg)
+        if 2 in only:
+            counts_ok = section_contended(cfg)
+        if 3 in only:
+            counts_ok = section_spins(cfg) and counts_ok
     except RunFailed as exc:
         print(f"\nFAILED: {exc}")
     gc.collect()

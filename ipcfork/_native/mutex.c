@@ -471,13 +471,6 @@ mutex_traverse(RobustMutexObject *self, visitproc visit, void *arg)
     return 0;
 }
 
-static int
-mutex_clear(RobustMutexObject *self)
-{
-    Py_CLEAR(self->what);
-    return 0;
-}
-
 static void
 mutex_dealloc(RobustMutexObject *self)
 {
@@ -493,7 +486,7 @@ mutex_dealloc(RobustMutexObject *self)
         }
         self->block = NULL;
     }
-    mutex_clear(self);
+    Py_CLEAR(self->what); /* a str: never part of a cycle, so no tp_clear */
     type->tp_free((PyObject *)self);
     Py_DECREF(type);
 }
@@ -580,7 +573,6 @@ static PyType_Slot mutex_slots[] = {
     {Py_tp_new, mutex_new},
     {Py_tp_dealloc, mutex_dealloc},
     {Py_tp_traverse, mutex_traverse},
-    {Py_tp_clear, mutex_clear},
     {Py_tp_methods, mutex_methods},
     {Py_tp_getset, mutex_getset},
     {0, NULL},
