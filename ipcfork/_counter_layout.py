@@ -1,4 +1,5 @@
-"""The layout of a SharedCounter's segment, and its int64 arithmetic (see counter.py)."""
+"""The layout of a SharedCounter's segment, its int64 arithmetic, and the per-thread lanes
+that point into it (see counter.py)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,19 @@ def _int64(value: object, what: str) -> int:
             f"{what} must be an int in -2**63..2**63-1, not {value!r}",
             limit="-2**63 <= n < 2**63")
     return value
+
+
+class _Lane:
+    """One thread's offsets into its process's stripe (``word`` is None without one)."""
+
+    __slots__ = ("central_adds", "pin", "pinned", "word")
+
+    def __init__(self, index: int | None) -> None:
+        self.word = None if index is None else _STRIPE_AT[index] + _WORD
+        self.pin = None if index is None else _STRIPE_AT[index] + _PIN
+        self.pinned = False  # holds one count on its pin: linearizable ops need no RMW
+        self.central_adds = 0
+
+
+class _LaneGuard:
+    """Lives in one thread's locals, so it dies when the thread ends (see ``_lane``)."""

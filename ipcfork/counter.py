@@ -79,6 +79,8 @@ from ._counter_layout import (
     SIZE,
     STRIPES,
     _int64,
+    _Lane,
+    _LaneGuard,
     _wrap,
 )
 from ._identity import IDENTITY, token_alive
@@ -87,18 +89,6 @@ from .errors import ObjectClosedError, ObjectCorruptError
 from .shm import SharedMemory
 
 __all__ = ["SharedCounter"]
-
-class _Lane:
-    """One thread's offsets into its process's stripe (``word`` is None without one)."""
-
-    __slots__ = ("central_adds", "pin", "pinned", "word")
-
-    def __init__(self, index: int | None) -> None:
-        self.word = None if index is None else _STRIPE_AT[index] + _WORD
-        self.pin = None if index is None else _STRIPE_AT[index] + _PIN
-        self.pinned = False  # holds one count on its pin: linearizable ops need no RMW
-        self.central_adds = 0
-
 
 class _Closed:
     """Stands in for the lanes of a closed counter: every use raises."""
@@ -111,6 +101,13 @@ class _Closed:
 
 
 _LIVE: weakref.WeakSet[SharedCounter] = weakref.WeakSet()
+
+
+def _drop_dead_thread_pin(counter_ref: weakref.ref[SharedCounter], lane: _Lane,
+                          pid: int) -> None:
+    counter = counter_ref()
+    if counter is not None and counter._open and lane.pinned and os.getpid() == pid:
+        counter._unpin(lane)
 
 
 def _unpin_all(atomics: Any, pinned: list[_Lane], _segment: SharedMemory, pid: int) -> None:
@@ -221,6 +218,12 @@ class SharedCounter(CounterCore):  # type: ignore[misc]  # CounterCore is chosen
             lane: _Lane = self._lanes.lane
         except AttributeError:
             lane = self._lanes.lane = _Lane(self._claim_stripe())
+            # A thread that exits holding a pin would block every thaw for good: the
+            # thread's locals die with it, and with them this guard, whose finalizer
+            # drops the pin.
+            guard = self._lanes.guard = _LaneGuard()
+            weakref.finalize(guard, _drop_dead_thread_pin, weakref.ref(self), lane,
+                             os.getpid())
         return lane
 
     def _cache(self, lane: _Lane) -> None:

@@ -384,3 +384,21 @@ def test_add_and_get_gets_through_a_busy_adder(pipe: Pipe) -> None:
         assert reap(pid) == 0
         assert totals == sorted(totals) and len(set(totals)) == 200
         assert counter.value % 1000 == 201 % 1000
+
+
+def test_threads_that_exit_pinned_do_not_keep_the_counter_central() -> None:
+    """Each short-lived thread that calls add_and_get pins its stripe; when it ends, its pin
+    goes with it, so a later run of plain adds brings the counter back to stripes."""
+    with SharedCounter() as counter:
+        for _ in range(50):
+            thread = threading.Thread(target=counter.add_and_get, args=(1,))
+            thread.start()
+            thread.join(30)
+        assert counter._pinned == []
+        pins = sum(counter._atomics.load(line + counter_module._PIN) & counter_module._COUNT_MASK
+                   for line in counter_module._STRIPE_AT)
+        assert pins == 0
+        for _ in range(2 * counter_module._THAW_AFTER):
+            counter.add(1)
+        assert counter._atomics.load(counter_module._MODE) == counter_module._STRIPED
+        assert counter.value == 50 + 2 * counter_module._THAW_AFTER
