@@ -109,6 +109,34 @@ monotonic_now(void)
     return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
 }
 
+/* The arguments of acquire(blocking=True, timeout=None) from a vectorcall: *blocking
+ * (1 when absent) and *timeout (NULL when absent).  Returns -1 with TypeError set. */
+int
+parse_acquire_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int *blocking,
+                   PyObject **timeout)
+{
+    PyObject *blocking_arg = nargs >= 1 ? args[0] : NULL;
+    *timeout = nargs >= 2 ? args[1] : NULL;
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "acquire() takes at most 2 arguments (%zd given)", nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; kwnames != NULL && i < PyTuple_GET_SIZE(kwnames); i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(key, "blocking") == 0 && blocking_arg == NULL)
+            blocking_arg = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 && *timeout == NULL)
+            *timeout = args[nargs + i];
+        else {
+            PyErr_Format(PyExc_TypeError,
+                         "acquire() got an unexpected or repeated keyword argument '%U'", key);
+            return -1;
+        }
+    }
+    *blocking = blocking_arg == NULL ? 1 : PyObject_IsTrue(blocking_arg);
+    return *blocking < 0 ? -1 : 0;
+}
+
 /* Parse a timeout as ipcfork._timeouts.check_timeout does.  Returns 0 and sets *seconds
  * (-1 for "forever"), or -1 with an exception set. */
 int

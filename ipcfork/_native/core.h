@@ -26,6 +26,8 @@ void raise_ipc_backend(PyObject *cls, PyObject *what, const char *backend, const
 void raise_errno(int code, PyObject *what, const char *operation);
 double monotonic_now(void);
 int parse_timeout(PyObject *timeout, double *seconds);
+int parse_acquire_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, int *blocking,
+                       PyObject **timeout);
 /* An exact int within int64 into *out; -1 with InvalidArgumentError (or TypeError) set. */
 int as_int64(PyObject *value, int64_t *out);
 

@@ -241,39 +241,10 @@ static PyObject *
 mutex_acquire(RobustMutexObject *self, PyObject *const *args, Py_ssize_t nargs,
               PyObject *kwnames)
 {
-    PyObject *blocking_arg = NULL, *timeout_arg = NULL;
-    if (nargs > 2) {
-        PyErr_Format(PyExc_TypeError, "acquire() takes at most 2 arguments (%zd given)", nargs);
+    int blocking;
+    PyObject *timeout_arg;
+    if (parse_acquire_args(args, nargs, kwnames, &blocking, &timeout_arg) < 0)
         return NULL;
-    }
-    if (nargs >= 1)
-        blocking_arg = args[0];
-    if (nargs >= 2)
-        timeout_arg = args[1];
-    if (kwnames != NULL) {
-        Py_ssize_t count = PyTuple_GET_SIZE(kwnames);
-        for (Py_ssize_t i = 0; i < count; i++) {
-            PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-            PyObject *value = args[nargs + i];
-            if (PyUnicode_CompareWithASCIIString(key, "blocking") == 0 && blocking_arg == NULL)
-                blocking_arg = value;
-            else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 &&
-                     timeout_arg == NULL)
-                timeout_arg = value;
-            else {
-                PyErr_Format(PyExc_TypeError,
-                             "acquire() got an unexpected or repeated keyword argument '%U'",
-                             key);
-                return NULL;
-            }
-        }
-    }
-    int blocking = 1;
-    if (blocking_arg != NULL) {
-        blocking = PyObject_IsTrue(blocking_arg);
-        if (blocking < 0)
-            return NULL;
-    }
     return mutex_acquire_impl(self, blocking, timeout_arg);
 }
 

@@ -132,28 +132,10 @@ static PyObject *
 sysv_acquire(SysvLockObject *self, PyObject *const *args, Py_ssize_t nargs,
              PyObject *kwnames)
 {
-    PyObject *blocking_arg = nargs >= 1 ? args[0] : NULL;
-    PyObject *timeout_arg = nargs >= 2 ? args[1] : NULL;
-    if (nargs > 2) {
-        PyErr_Format(PyExc_TypeError, "acquire() takes at most 2 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; kwnames && i < PyTuple_GET_SIZE(kwnames); i++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_CompareWithASCIIString(key, "blocking") == 0 && blocking_arg == NULL)
-            blocking_arg = args[nargs + i];
-        else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 && timeout_arg == NULL)
-            timeout_arg = args[nargs + i];
-        else {
-            PyErr_Format(PyExc_TypeError,
-                         "acquire() got an unexpected or repeated keyword argument '%U'", key);
-            return NULL;
-        }
-    }
-    if (sysv_bound(self) < 0)
-        return NULL;
-    int blocking = blocking_arg == NULL ? 1 : PyObject_IsTrue(blocking_arg);
-    if (blocking < 0)
+    int blocking;
+    PyObject *timeout_arg;
+    if (sysv_bound(self) < 0 || parse_acquire_args(args, nargs, kwnames, &blocking,
+                                                   &timeout_arg) < 0)
         return NULL;
     double timeout = -1.0;
     if (timeout_arg != NULL && timeout_arg != Py_None) {
