@@ -2,11 +2,13 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_counter.py                   # full: ~1-2 min on 2 cores
-    python benchmarks/bench_counter.py --quick           # smoke run: ~10 s
+    python benchmarks/bench_counter.py                   # full: ~1 min on 2 quiet cores
+    python benchmarks/bench_counter.py --quick           # smoke run: ~5-20 s
     IPCFORK_PURE=1 python benchmarks/bench_counter.py    # the same on the ctypes fallback
 
-Options: ``--reps N`` (repetitions), ``-k N`` (operations per process), ``--retries N``
+(On a busy machine a full run takes up to 3-4 times as long: disturbed runs are repeated.)
+
+Options: ``--reps N`` (repetitions), ``-k N`` (the least K; see below), ``--retries N``
 (extra attempts for a run disturbed by other processes).
 
 The environment line names the native core's path in use (``ipcfork._native.PATH``,
@@ -20,7 +22,10 @@ for part of a run) and doing K operations in a loop (garbage collector off).  Bo
 a pipe until the parent's start signal, then meet at a barrier in shared memory (spun on
 with ``sched_yield``); each stamps ``perf_counter`` (CLOCK_MONOTONIC, comparable across
 processes) after the barrier and after its loop, and the rate is 2 K over the time from
-the earlier start to the later finish, so fork, wake-up and exit are excluded.  Variants:
+the earlier start to the later finish, so fork, wake-up and exit are excluded.  K is at
+least ``-k`` (500,000; 50,000 with ``--quick``) and, for a variant fast enough, larger, so
+that one run lasts at least 0.25 s (0.05 s): the warm-up run's rate sizes it; the table
+prints each variant's K.  Variants:
 
 - ``SharedCounter.add``: lock-free, one fetch-and-add on the process's own stripe;
 - ``SharedCounter.add_and_get``: linearizable, returns the new total;
@@ -74,6 +79,7 @@ Variant = Callable[[ExitStack], tuple[Body, Callable[[], int]]]
 perf_counter = time.perf_counter
 MP = multiprocessing.get_context("fork")
 QUIET = 0.25  # CPUs busy with other processes above which a run is disturbed
+K_MAX = 20_000_000  # operations per process, at most
 
 
 def counter_method(method: str) -> Variant:
@@ -148,7 +154,7 @@ class Results:
     retried: int = 0
 
 
-def _child(index: int, cpu: int, body: Body, k: int, stamps: memoryview, ready_w: int,
+def _child(index: int, cpu: int, body: Body, k: int, stamps: memoryview[float], ready_w: int,
            go_r: int) -> None:
     code = 1
     try:
@@ -171,7 +177,7 @@ def _child(index: int, cpu: int, body: Body, k: int, stamps: memoryview, ready_w
         os._exit(code)
 
 
-def contend(name: str, k: int, stamps: memoryview) -> tuple[float, int, float]:
+def contend(name: str, k: int, stamps: memoryview[float]) -> tuple[float, int, float]:
     """Rate (ops/s, both processes), final count and background CPUs of one run."""
     with ExitStack() as stack:
         body, read = VARIANTS[name](stack)
@@ -208,15 +214,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer and shorter runs")
     parser.add_argument("--reps", type=int, help="override the number of repetitions")
-    parser.add_argument("-k", type=int, help="override K, the operations per process")
+    parser.add_argument("-k", type=int,
+                        help="override K, the least operations per process in a run")
     parser.add_argument("--retries", type=int, help="extra attempts for a disturbed run")
     args = parser.parse_args()
-    k, reps = (50_000, 3) if args.quick else (500_000, 7)
+    k, reps, least = (50_000, 3, 0.05) if args.quick else (500_000, 7, 0.25)
     k = max(1000, args.k) if args.k is not None else k
     reps = max(1, args.reps) if args.reps is not None else reps
     retries = max(0, args.retries) if args.retries is not None else 1
-    print(f"# SharedCounter, 2 processes x {k:,} operations, median of {reps} interleaved runs"
-          f" ({'quick' if args.quick else 'full'} mode)\n")
+    print(f"# SharedCounter, 2 processes x K operations (K >= {k:,}, more for fast variants "
+          f"so a run lasts >= {least} s), median of {reps} interleaved runs "
+          f"({'quick' if args.quick else 'full'} mode)\n")
     print(f"environment: python {platform.python_version()} "
           f"({platform.python_implementation()}) | ipcfork {ipcfork.__version__} | nproc "
           f"{len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}) | kernel "
@@ -227,14 +235,16 @@ def main() -> int:
     shm = ipcfork.SharedMemory(_N_STAMPS * 8)
     stamps = shm.buf.cast("d")
     try:
-        for name in VARIANTS:  # warm-up, discarded
-            contend(name, max(1000, k // 10), stamps)
+        ks: dict[str, int] = {}
+        for name in VARIANTS:  # warm-up, discarded; sizes K so that a run lasts long enough
+            rate, _, _ = contend(name, max(1000, k // 10), stamps)
+            ks[name] = max(k, min(K_MAX, int(round(rate * least / 2, -3))))
         for rep in range(reps):
             for name in rotated(list(VARIANTS), rep):
                 res = results[name]
                 kept: tuple[float, float] | None = None
                 for _attempt in range(1 + retries):
-                    rate, final, background = contend(name, k, stamps)
+                    rate, final, background = contend(name, ks[name], stamps)
                     res.finals.append(final)
                     if kept is not None:
                         res.retried += 1
@@ -252,27 +262,28 @@ def main() -> int:
     median = {name: statistics.median(r.rates) for name, r in results.items()}
     rows = []
     for name, r in results.items():
-        lost = statistics.median(2 * k - f for f in r.finals)
-        rows.append((name, f"{median[name] / 1e3:,.0f}",
+        lost = statistics.median(100 * (2 * ks[name] - f) / (2 * ks[name]) for f in r.finals)
+        rows.append((name, f"{ks[name]:,}", f"{median[name] / 1e3:,.0f}",
                      f"{min(r.rates) / 1e3:,.0f}..{max(r.rates) / 1e3:,.0f}",
                      f"{median[name] / median[MP_LOCK]:.2f}x",
                      f"{median[name] / median[UNGUARDED]:.2f}x",
-                     f"{lost:,.0f}", f"{statistics.median(r.backgrounds):.2f}"))
-    print(markdown_table(("variant", "k ops/s", "range", "vs mp.Value + lock", "vs unguarded",
-                          "lost updates (median)", "background CPU"), rows))
+                     f"{lost:.1f}%", f"{statistics.median(r.backgrounds):.2f}"))
+    print(markdown_table(("variant", "K", "k ops/s", "range", "vs mp.Value + lock",
+                          "vs unguarded", "lost updates", "background CPU"), rows))
     retried = sum(r.retried for r in results.values())
     print(f"\n{reps} repetitions; a run during which other processes kept more than {QUIET} "
           f"CPUs busy got up to {retries} more attempt(s), keeping the quieter ({retried} extra "
           "attempt(s) made); 'background CPU' is the median over the kept runs.")
     ok = True
     for name in CHECKED:
-        wrong = [f for f in results[name].finals if f != 2 * k]
+        wrong = [f for f in results[name].finals if f != 2 * ks[name]]
         if wrong:
             ok = False
-            print(f"WRONG: {name} ended at {wrong[0]:,} (expected {2 * k:,}) in "
+            print(f"WRONG: {name} ended at {wrong[0]:,} (expected {2 * ks[name]:,}) in "
                   f"{len(wrong)}/{len(results[name].finals)} attempts")
     if ok:
-        print(f"final counts: every locked or SharedCounter run ended at {2 * k:,} = 2 x K.")
+        print("final counts: every locked or SharedCounter run ended at 2 x K; 'lost updates' "
+              "is the median share of the unguarded word's increments lost.")
     disturbed = sum(b > QUIET for r in results.values() for b in r.backgrounds)
     if disturbed:
         kept_runs = sum(len(r.backgrounds) for r in results.values())

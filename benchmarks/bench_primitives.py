@@ -2,9 +2,9 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_primitives.py                  # full: ~2 min on 2 quiet cores
+    python benchmarks/bench_primitives.py                  # full: ~2.5 min on 2 quiet cores
     python benchmarks/bench_primitives.py --quick          # smoke run: ~20 s
-    IPCFORK_PURE=1 python benchmarks/bench_primitives.py   # the same on the ctypes fallback
+    IPCFORK_PURE=1 python benchmarks/bench_primitives.py   # on the ctypes fallback: ~5 min
 
 Options: ``--reps N`` (repetitions), ``-k N`` (increments per child), ``--retries N``
 (extra attempts for a contended run disturbed by other processes; see below), ``--spins
@@ -754,7 +754,7 @@ def _section_list(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repetitions and shorter runs (about 15 s)")
+                        help="fewer repetitions and shorter runs (about 20 s)")
     parser.add_argument("--reps", type=int, help="override the number of repetitions")
     parser.add_argument("-k", type=int, help="override K, the increments per child")
     parser.add_argument("--retries", type=int,
