@@ -72,7 +72,8 @@ class AtomicWords:
     InvalidArgumentError for a bad offset or value, ObjectClosedError after close().
     """
 
-    __slots__ = ("_anchor", "_base", "_cas", "_fetch_add", "_fetch_and", "_fetch_or", "_load",
+    __slots__ = ("_addresses", "_anchor", "_base", "_cas", "_fetch_add", "_fetch_and",
+                 "_fetch_or", "_load",
                  "_size", "_swap", "_view")
 
     def __init__(self, buffer: Any) -> None:
@@ -89,6 +90,7 @@ class AtomicWords:
             view.release()
             raise InvalidArgumentError("AtomicWords needs a writable buffer")
         self._view: memoryview | None = view
+        self._addresses: dict[int, c_void_p] = {}
         self._anchor: Any = ctypes.c_char.from_buffer(view)  # keeps the buffer exported
         self._base = ctypes.addressof(self._anchor)
         self._size = view.nbytes
@@ -97,13 +99,20 @@ class AtomicWords:
             raise InvalidArgumentError("AtomicWords needs an 8-byte aligned buffer")
 
     def _word(self, offset: int) -> c_void_p:
+        # Each offset is checked once and its address kept: building a c_void_p per call
+        # cost as much as the atomic call itself.  close() empties the table.
+        try:
+            return self._addresses[offset]
+        except (KeyError, TypeError):
+            pass
         if self._view is None:
             raise ObjectClosedError("AtomicWords is closed")
         if type(offset) is not int or offset < 0 or offset % 8 or offset > self._size - 8:
             raise InvalidArgumentError(
                 f"word offset {offset!r} is outside the {self._size}-byte buffer or not a "
                 "multiple of 8")
-        return c_void_p(self._base + offset)
+        address = self._addresses[offset] = c_void_p(self._base + offset)
+        return address
 
     def load(self, offset: int) -> int:
         """The word at ``offset``, atomically."""
@@ -137,6 +146,7 @@ class AtomicWords:
 
     def close(self) -> None:
         """Release the buffer."""
+        self._addresses = {}  # before the view goes: no address outlives the mapping
         if self._view is not None:
             self._anchor = None
             self._view.release()
