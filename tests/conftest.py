@@ -243,3 +243,39 @@ def name(backend: str) -> Iterator[str]:
     yield path
     os.unlink(path)
     os.rmdir(directory)
+
+
+def interrupt_repeatedly(body: Callable[[], None], after_each: Callable[[int], None], *,
+                         interval: float, times: int = 200) -> None:
+    """Run ``body`` in a loop, interrupted ``times`` times by a SIGALRM handler that raises
+    every ``interval`` seconds; call ``after_each(n)`` after the n-th interruption.
+
+    One interruption per arming: on a busy machine a second SIGALRM may already be pending
+    when the first is handled, and it must not fire outside the guarded loop; and the timer
+    is armed inside the ``try``, so an interruption can only land where it is caught.
+    """
+
+    class Tick(Exception):
+        pass
+
+    armed = [False]
+
+    def on_alarm(signum: int, frame: object) -> None:
+        if armed[0]:
+            armed[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise Tick
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        for interruption in range(1, times + 1):
+            try:
+                armed[0] = True
+                signal.setitimer(signal.ITIMER_REAL, interval, interval)
+                while True:
+                    body()
+            except Tick:
+                after_each(interruption)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -7,7 +7,14 @@ import signal
 import time
 
 import pytest
-from conftest import Pipe, fork, reap, signal_once_blocked, wait_until_blocked
+from conftest import (
+    Pipe,
+    fork,
+    interrupt_repeatedly,
+    reap,
+    signal_once_blocked,
+    wait_until_blocked,
+)
 
 import ipcfork
 from ipcfork import Mutex, NotOwnerError, SharedMemory, _native
@@ -224,38 +231,16 @@ def test_ctrl_c_in_a_tight_with_loop_never_leaks_the_lock(backend: str) -> None:
         pytest.skip("the ctypes fallback's Python methods can be interrupted at entry")
     mutex = Mutex(backend=backend)
 
-    class Tick(Exception):
-        pass
+    def with_block() -> None:
+        with mutex:
+            pass
 
-    armed = [False]
+    def check(interruption: int) -> None:
+        # Neither held with no owner nor left held by us: the with statement must have
+        # released it.
+        assert not mutex.locked(), f"interrupt {interruption} left {mutex!r}"
 
-    def on_alarm(signum: int, frame: object) -> None:
-        # One Tick per arming: on a busy machine a second SIGALRM may already be pending
-        # when the first is handled, and must not fire inside the except block.
-        if armed[0]:
-            armed[0] = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            raise Tick
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    interrupts = 0
-    try:
-        while interrupts < 200:
-            try:
-                # Armed inside the try: a Tick can only land where it is caught.
-                armed[0] = True
-                signal.setitimer(signal.ITIMER_REAL, 0.0003, 0.0003)
-                while True:
-                    with mutex:
-                        pass
-            except Tick:
-                interrupts += 1
-                # Neither held with no owner nor left held by us: the with statement must
-                # have released it.
-                assert not mutex.locked(), f"interrupt {interrupts} left {mutex!r}"
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    interrupt_repeatedly(with_block, check, interval=0.0003)
     assert not mutex.locked() and mutex.owner is None
     mutex.close()
 

@@ -17,7 +17,14 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import Pipe, fork, reap, signal_once_blocked, wait_until_blocked
+from conftest import (
+    Pipe,
+    fork,
+    interrupt_repeatedly,
+    reap,
+    signal_once_blocked,
+    wait_until_blocked,
+)
 
 import ipcfork
 from ipcfork import _native
@@ -522,36 +529,17 @@ def test_a_raising_handler_never_orphans_a_timed_or_try_acquire(backend: str) ->
         pytest.skip("the ctypes fallback's Python methods have such windows (documented)")
     mutex = ipcfork.Mutex(backend=backend)
 
-    class Tick(Exception):
-        pass
+    def try_then_timed() -> None:
+        if mutex.acquire(False):
+            mutex.release()
+        if mutex.acquire(timeout=5):
+            mutex.release()
 
-    armed = [False]
+    def check(interruption: int) -> None:
+        if mutex.locked():  # taken between a returning acquire and its release: ours
+            assert mutex.owner == os.getpid(), f"orphaned at {interruption}: {mutex!r}"
+            mutex.release()
 
-    def on_alarm(signum: int, frame: object) -> None:
-        if armed[0]:
-            armed[0] = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            raise Tick
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    interrupts = 0
-    try:
-        while interrupts < 200:
-            try:
-                armed[0] = True
-                signal.setitimer(signal.ITIMER_REAL, 0.00003, 0.00003)
-                while True:
-                    if mutex.acquire(False):
-                        mutex.release()
-                    if mutex.acquire(timeout=5):
-                        mutex.release()
-            except Tick:
-                interrupts += 1
-                if mutex.locked():  # taken between a returning acquire and its release
-                    assert mutex.owner == os.getpid(), f"orphaned: {mutex!r}"
-                    mutex.release()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    interrupt_repeatedly(try_then_timed, check, interval=0.00003)
     assert not mutex.locked()
     mutex.close()
