@@ -63,6 +63,19 @@ def _mutex(core: ModuleType, block: memoryview, create: bool = False) -> Any:
     return mutex
 
 
+def _holder_child(lock: Any, pipe: Pipe) -> int:
+    """Fork a child that takes ``lock``, says so, and sleeps holding it."""
+
+    def hold() -> None:
+        lock.acquire()
+        pipe.send()
+        signal.pause()
+
+    pid = fork(hold)
+    pipe.recv()
+    return pid
+
+
 # -- the mutex's contract, on each path --------------------------------------------------------
 
 
@@ -150,13 +163,7 @@ def test_timeout_waits_at_least_that_long(core: ModuleType, block: memoryview,
                                           pipe: Pipe) -> None:
     mutex = _mutex(core, block, create=True)
 
-    def holder() -> None:
-        mutex.acquire()
-        pipe.send()
-        signal.pause()
-
-    pid = fork(holder)
-    pipe.recv()
+    pid = _holder_child(mutex, pipe)
     for timeout in (0, 0.05, 0.3):
         started = time.monotonic()
         assert mutex.acquire(timeout=timeout) is False
@@ -264,13 +271,7 @@ def test_a_raising_handler_ends_the_wait_and_takes_nothing(core: ModuleType,
                                                            pipe: Pipe) -> None:
     mutex = _mutex(core, block, create=True)
 
-    def holder() -> None:
-        mutex.acquire()
-        pipe.send()
-        signal.pause()
-
-    pid = fork(holder)
-    pipe.recv()
+    pid = _holder_child(mutex, pipe)
 
     class Interrupted(Exception):
         pass
@@ -418,19 +419,6 @@ def test_ipcfork_info_says_which_core_is_in_use(pure: str) -> None:
 
 
 # -- what a review found (each failed before its fix) ------------------------------------------
-
-
-def _holder_child(lock: Any, pipe: Pipe) -> int:
-    """Fork a child that takes ``lock``, says so, and sleeps holding it."""
-
-    def hold() -> None:
-        lock.acquire()
-        pipe.send()
-        signal.pause()
-
-    pid = fork(hold)
-    pipe.recv()
-    return pid
 
 
 @pytest.mark.parametrize("backend", ["posix", "sysv"])
