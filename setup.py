@@ -9,10 +9,11 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "ipcfork._native._core",
-            ["ipcfork/_native/_core.c", "ipcfork/_native/mutex.c", "ipcfork/_native/words.c",
-             "ipcfork/_native/counter.c", "ipcfork/_native/sysvlock.c"],
-            depends=["ipcfork/_native/core.h"],
+            "ipcfork._os.native._core",
+            ["ipcfork/_os/native/_core.c", "ipcfork/_os/native/mutex.c",
+             "ipcfork/_os/native/words.c",
+             "ipcfork/_os/native/counter.c", "ipcfork/_os/native/sysvlock.c"],
+            depends=["ipcfork/_os/native/core.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
             optional=True,
         )

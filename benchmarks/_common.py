@@ -53,7 +53,7 @@ def verdict(ok: bool) -> str:
 def core_path() -> str:
     """Which path of ipcfork's native core this process uses, and why (for environment
     lines: the compiled extension and the ctypes fallback differ several-fold)."""
-    from ipcfork import _native
+    from ipcfork._os import native as _native
 
     return f"ipcfork core: {_native.PATH} ({_native.WHY})"
 

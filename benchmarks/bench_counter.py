@@ -11,7 +11,7 @@ Run from the repository root::
 Options: ``--reps N`` (repetitions), ``-k N`` (the least K; see below), ``--retries N``
 (extra attempts for a run disturbed by other processes).
 
-The environment line names the native core's path in use (``ipcfork._native.PATH``,
+The environment line names the native core's path in use (``ipcfork._os.native.PATH``,
 "compiled" or "ctypes", and ``WHY``): on the compiled path ``add`` and ``add_and_get`` are
 C methods of ``CounterCore`` on a per-thread cached stripe; on the ctypes path they are
 Python around ctypes calls, several times slower.

@@ -11,9 +11,9 @@ Options: ``--reps N`` (repetitions), ``-k N`` (increments per child), ``--retrie
 LIST`` (the spin counts section 3 compares, e.g. ``0,100,2000``; ``none`` skips it),
 ``--only LIST`` (run only these sections, e.g. ``--only 3 --reps 15`` for the spin count).
 
-The environment line names the native core's path in use (``ipcfork._native.PATH``:
+The environment line names the native core's path in use (``ipcfork._os.native.PATH``:
 "compiled", the C extension, or "ctypes", the fallback chosen by ``IPCFORK_PURE=1`` or
-when the extension is not built) and why (``ipcfork._native.WHY``): the two differ
+when the extension is not built) and why (``ipcfork._os.native.WHY``): the two differ
 several-fold, so a figure means nothing without it.
 
 What is measured
@@ -51,9 +51,9 @@ What is measured
    reported).  Every guarded run's final count is checked against 2 * K.  Target: the
    default Mutex at least 3x the reference.
 3. **Spin count** (compiled path only; the ctypes fallback never spins): section 2's
-   default-Mutex run with ``ipcfork._native._impl.set_spin(n)`` set before the children
+   default-Mutex run with ``ipcfork._os.native._impl.set_spin(n)`` set before the children
    fork, for each n of ``--spins`` (default 0, 50, 100, 400, 2000; the library's default
-   is ``ipcfork._native.SPINS``, 100 on more than one CPU), beside the same reference, in
+   is ``ipcfork._os.native.SPINS``, 100 on more than one CPU), beside the same reference, in
    the same round-robin.  A contended compiled ``acquire`` polls the lock word that many
    times (with a pause instruction) before it sleeps on the futex.
 
@@ -104,7 +104,8 @@ import sysv_ipc
 from _common import CpuWatch, core_path, gc_off, markdown_table, rotated, verdict
 
 import ipcfork
-from ipcfork import _native, testing
+from ipcfork import testing
+from ipcfork._os import native as _native
 
 Timer = Callable[[int], float]  # runs a loop of n iterations, returns seconds
 Body = Callable[[int], None]  # a child's work: k guarded increments

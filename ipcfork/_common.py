@@ -7,8 +7,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._identity import IDENTITY
-from ._names import DEFAULT_PROJ, check_backend, sysv_key
+from ._os.identity import IDENTITY
+from ._os.names import DEFAULT_PROJ, check_backend, sysv_key
 from .errors import InvalidArgumentError, ObjectClosedError
 
 __all__ = [

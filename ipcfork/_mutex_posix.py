@@ -17,9 +17,9 @@ import mmap
 import os
 
 from . import errors
-from ._names import anonymous_posix_name, posix_name
-from ._native import BLOCK_SIZE, INIT_WAIT, RobustMutex, bind_block
-from ._posix import open_posix_shm, unlink_posix_shm
+from ._os.names import anonymous_posix_name, posix_name
+from ._os.native import BLOCK_SIZE, INIT_WAIT, RobustMutex, bind_block
+from ._os.posix import open_posix_shm, unlink_posix_shm
 from .mutex import Mutex
 
 __all__ = ["INIT_WAIT", "MUTEX_SUFFIX", "PosixMutex"]

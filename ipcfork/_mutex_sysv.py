@@ -23,9 +23,9 @@ import sysv_ipc
 
 from . import errors
 from ._common import on_creator_exit
-from ._identity import IDENTITY, token_pid
-from ._native import SysvLockCore
-from ._sysv import SysvSemaphore, open_sysv_shm
+from ._os.identity import IDENTITY, token_pid
+from ._os.native import SysvLockCore
+from ._os.sysv import SysvSemaphore, open_sysv_shm
 from .mutex import Mutex
 from .semaphore import _open_sem
 

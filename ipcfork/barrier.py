@@ -18,8 +18,8 @@ import time
 from types import TracebackType
 
 from ._common import check_count, describe
-from ._names import DEFAULT_PROJ, _proj_id
-from ._timeouts import Deadline, check_timeout
+from ._os.names import DEFAULT_PROJ, _proj_id
+from ._os.timeouts import Deadline, check_timeout
 from .errors import BrokenBarrierError, InvalidArgumentError
 from .mutex import Mutex
 from .semaphore import Semaphore

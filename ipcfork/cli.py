@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from . import _registry
+from ._os import registry as _registry
 from .race import command as race_command
 
 __all__ = ["main"]
@@ -60,7 +60,8 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     import platform
 
-    from . import __version__, _native
+    from . import __version__
+    from ._os import native as _native
 
     facts = {
         "version": __version__,

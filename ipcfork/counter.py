@@ -83,8 +83,8 @@ from ._counter_layout import (
     _LaneGuard,
     _wrap,
 )
-from ._identity import IDENTITY, token_alive
-from ._native import AtomicWords, CounterCore, RobustMutex, bind_block
+from ._os.identity import IDENTITY, token_alive
+from ._os.native import AtomicWords, CounterCore, RobustMutex, bind_block
 from .errors import ObjectClosedError, ObjectCorruptError
 from .shm import SharedMemory
 

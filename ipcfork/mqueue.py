@@ -31,16 +31,16 @@ from typing import Any
 import posix_ipc
 import sysv_ipc
 
-from . import _registry
 from ._common import check_count, describe, kernel_limit, on_creator_exit, sysv_key_for
-from ._identity import IDENTITY
-from ._libc import WAIT_DONE, WAIT_INTERRUPTED, WAIT_TIMEOUT, mq_timedreceive, mq_timedsend
-from ._names import POSIX_PREFIX
-from ._posix import open_posix_shm, resolve_posix_name
-from ._security import CREATE_MODE, check_owner
-from ._sysv import MSGMAX, open_sysv_queue, remove_sysv
-from ._timeouts import Deadline, check_timeout
-from ._translate import translate_exception, translating
+from ._os import registry as _registry
+from ._os.identity import IDENTITY
+from ._os.libc import WAIT_DONE, WAIT_INTERRUPTED, WAIT_TIMEOUT, mq_timedreceive, mq_timedsend
+from ._os.names import POSIX_PREFIX
+from ._os.posix import open_posix_shm, resolve_posix_name
+from ._os.security import CREATE_MODE, check_owner
+from ._os.sysv import MSGMAX, open_sysv_queue, remove_sysv
+from ._os.timeouts import Deadline, check_timeout
+from ._os.translate import translate_exception, translating
 from .errors import (
     InvalidArgumentError,
     LimitExceededError,

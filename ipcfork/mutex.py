@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ._names import check_backend
+from ._os.names import check_backend
 
 __all__ = ["Mutex", "companion_lock"]
 

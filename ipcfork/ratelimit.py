@@ -16,7 +16,7 @@ import time
 from types import TracebackType
 
 from ._common import describe
-from ._timeouts import Deadline, check_timeout
+from ._os.timeouts import Deadline, check_timeout
 from .errors import InvalidArgumentError
 from .mutex import companion_lock
 from .shm import SharedMemory

@@ -12,9 +12,9 @@ from types import TracebackType
 
 from . import errors
 from ._common import check_count, describe, on_creator_exit, sysv_key_for
-from ._posix import SEM_VALUE_MAX, PosixSemaphore
-from ._sysv import SEMVMX, SysvSemaphore
-from ._timeouts import check_timeout
+from ._os.posix import SEM_VALUE_MAX, PosixSemaphore
+from ._os.sysv import SEMVMX, SysvSemaphore
+from ._os.timeouts import check_timeout
 
 __all__ = ["Semaphore"]
 

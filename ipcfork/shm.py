@@ -22,9 +22,9 @@ import posix_ipc
 import sysv_ipc
 
 from ._common import check_count, describe, kernel_limit, raise_closed, sysv_key_for
-from ._posix import open_posix_shm, resolve_posix_name, unlink_posix_shm
-from ._sysv import open_sysv_shm, remove_sysv
-from ._translate import translating
+from ._os.posix import open_posix_shm, resolve_posix_name, unlink_posix_shm
+from ._os.sysv import open_sysv_shm, remove_sysv
+from ._os.translate import translating
 from .errors import BufferInUseError, InvalidArgumentError
 
 __all__ = ["SharedMemory"]

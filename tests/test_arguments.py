@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ipcfork
-from ipcfork._names import posix_name
-from ipcfork._timeouts import check_timeout
+from ipcfork._os.names import posix_name
+from ipcfork._os.timeouts import check_timeout
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -76,7 +76,7 @@ def test_good_semaphore_values_are_kept(value: int) -> None:
 @SETTINGS
 @given(st.one_of(st.integers(), st.text(max_size=2)))
 def test_ftok_proj_checked(proj: object) -> None:
-    from ipcfork._names import sysv_key
+    from ipcfork._os.names import sysv_key
 
     ok = (isinstance(proj, int) and 1 <= proj <= 255) or (
         isinstance(proj, str) and len(proj) == 1 and 1 <= ord(proj) <= 255)

@@ -13,7 +13,7 @@ import sysv_ipc
 from conftest import Pipe, fork, reap
 
 import ipcfork
-from ipcfork import _registry
+from ipcfork._os import registry as _registry
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

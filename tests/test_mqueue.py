@@ -11,7 +11,7 @@ from conftest import fork, reap, signal_once_blocked, wait_until_blocked
 
 import ipcfork
 from ipcfork import MessageQueue
-from ipcfork._names import POSIX_PREFIX
+from ipcfork._os.names import POSIX_PREFIX
 
 
 def _my_spills() -> list[str]:

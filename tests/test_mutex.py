@@ -17,7 +17,8 @@ from conftest import (
 )
 
 import ipcfork
-from ipcfork import Mutex, NotOwnerError, SharedMemory, _native
+from ipcfork import Mutex, NotOwnerError, SharedMemory
+from ipcfork._os import native as _native
 
 
 def _hammer(mutex: Mutex, shm: SharedMemory, rounds: int) -> None:

@@ -27,11 +27,11 @@ from conftest import (
 )
 
 import ipcfork
-from ipcfork import _native
-from ipcfork._native import fallback
+from ipcfork._os import native as _native
+from ipcfork._os.native import fallback
 
 try:
-    from ipcfork._native import _core as compiled  # type: ignore[attr-defined]
+    from ipcfork._os.native import _core as compiled  # type: ignore[attr-defined]
 except ImportError:  # installed without a compiler: only the fallback is tested here
     compiled = None
 
@@ -413,7 +413,7 @@ def test_ipcfork_info_says_which_core_is_in_use(pure: str) -> None:
     if pure:
         assert shown[1] == "core: ctypes (IPCFORK_PURE is set)"
     elif compiled is not None:
-        assert shown[1] == "core: compiled (the C extension ipcfork._native._core)"
+        assert shown[1] == "core: compiled (the C extension ipcfork._os.native._core)"
     else:
         assert shown[1].startswith("core: ctypes (the C extension is not built")
 

@@ -18,7 +18,7 @@ import ipcfork
 from ipcfork import MessageQueue, Mutex, Semaphore, SharedMemory
 from ipcfork._mutex_posix import INIT_WAIT, MUTEX_SUFFIX
 from ipcfork._mutex_sysv import OWNER_KEY_FLIP
-from ipcfork._native import RobustMutex
+from ipcfork._os.native import RobustMutex
 
 NOBODY = 65534
 

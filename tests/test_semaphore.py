@@ -226,7 +226,7 @@ def test_sysv_set_never_initialised_is_refused_after_a_bounded_wait(keyfile: str
     naming the object and the limit, instead of being used silently half-made."""
     import sysv_ipc
 
-    from ipcfork import _sysv
+    from ipcfork._os import sysv as _sysv
 
     key = sysv_ipc.ftok(keyfile, ord("i"), silence_warning=True)
     raw = sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, mode=0o600)  # semget only: no stamp

@@ -170,7 +170,7 @@ def test_open_waits_for_the_creator_to_size_the_object(empty_posix_object: str) 
 def test_open_refuses_an_object_left_empty(empty_posix_object: str) -> None:
     """An object that stays 0 bytes long (its creator died before sizing it) is refused
     after a bounded wait, with ObjectCorruptError naming the object and the limit."""
-    from ipcfork import _posix
+    from ipcfork._os import posix as _posix
 
     start = time.monotonic()
     with pytest.raises(ipcfork.ObjectCorruptError) as refused:

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import posix_ipc
 
-from .._names import anonymous_posix_name
+from .._os.names import anonymous_posix_name
 from ..errors import InvalidArgumentError
 from ..mutex import Mutex
 from ..semaphore import Semaphore
@@ -253,11 +253,11 @@ def unavailable(name: str) -> str | None:
     if guard_spec(name).kind == "atomic":
         if _shared_counter_class() is None:
             return "ipcfork.SharedCounter is not available in this version of ipcfork"
-        from .._native import PATH
+        from .._os.native import PATH
         from ..errors import IpcforkError
 
         if PATH == "ctypes":  # the fallback's atomics need libatomic
-            from .._native.libatomic import load_libatomic
+            from .._os.native.libatomic import load_libatomic
 
             try:
                 load_libatomic()

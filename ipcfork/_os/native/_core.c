@@ -1,4 +1,4 @@
-/* ipcfork._native._core: the compiled core of ipcfork.
+/* ipcfork._os.native._core: the compiled core of ipcfork.
  *
  * Two types, both over a writable buffer of shared memory (an mmap of a POSIX shm object or
  * a SysV segment) that they keep exported while bound, so the mapping cannot go away under
@@ -13,7 +13,7 @@
  *
  * Every method validates its arguments (offsets, alignment, bounds, binding) before it
  * touches shared memory.  The block layout is shared with the ctypes fallback
- * (ipcfork/_native/fallback.py), and a process on either path shares one mutex with a
+ * (ipcfork/_os/native/fallback.py), and a process on either path shares one mutex with a
  * process on the other.
  *
  * Block layout (offsets in bytes):
@@ -31,7 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
-/* The calling process's token and pid, set from Python (ipcfork._identity) at import and
+/* The calling process's token and pid, set from Python (ipcfork._os.identity) at import and
  * after every fork, before any Python code of the child runs. */
 uint64_t process_token;
 uint64_t identity_generation;
@@ -137,7 +137,7 @@ parse_acquire_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, i
     return *blocking < 0 ? -1 : 0;
 }
 
-/* Parse a timeout as ipcfork._timeouts.check_timeout does.  Returns 0 and sets *seconds
+/* Parse a timeout as ipcfork._os.timeouts.check_timeout does.  Returns 0 and sets *seconds
  * (-1 for "forever"), or -1 with an exception set. */
 int
 parse_timeout(PyObject *timeout, double *seconds)
@@ -281,7 +281,7 @@ static PyModuleDef_Slot module_slots[] = {
 
 static struct PyModuleDef core_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "ipcfork._native._core",
+    .m_name = "ipcfork._os.native._core",
     .m_doc = "ipcfork's compiled core: a robust process-shared mutex and 64-bit atomics.",
     .m_size = 0,
     .m_methods = module_methods,

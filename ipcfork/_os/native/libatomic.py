@@ -16,7 +16,7 @@ import ctypes.util
 from ctypes import byref, c_int64, c_void_p
 from typing import Any
 
-from ..errors import InvalidArgumentError, IpcforkError, ObjectClosedError
+from ...errors import InvalidArgumentError, IpcforkError, ObjectClosedError
 
 __all__ = ["AtomicWords", "load_libatomic"]
 

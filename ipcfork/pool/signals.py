@@ -21,7 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .pool import ForkPool
+    from . import ForkPool
 
 __all__ = ["register", "unregister"]
 

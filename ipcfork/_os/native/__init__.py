@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from .._identity import IDENTITY
+from ..identity import IDENTITY
 from . import fallback
 
 __all__ = ["BLOCK_SIZE", "INIT_WAIT", "PATH", "WHY", "AtomicWords", "CounterCore", "RobustMutex",
@@ -35,7 +35,7 @@ elif _compiled is None:
     PATH, WHY = "ctypes", "the C extension is not built: no C compiler at install?"
 else:
     _impl = _compiled
-    PATH, WHY = "compiled", "the C extension ipcfork._native._core"
+    PATH, WHY = "compiled", "the C extension ipcfork._os.native._core"
 
 RobustMutex: Any = _impl.RobustMutex
 AtomicWords: Any = _impl.AtomicWords
@@ -69,7 +69,7 @@ def bind_block(mutex: Any, buffer: Any, offset: int, create: bool, what: str) ->
     deadline = time.monotonic() + INIT_WAIT
     while not mutex._bind(buffer, offset, create, what):
         if time.monotonic() >= deadline:
-            from ..errors import ObjectCorruptError
+            from ...errors import ObjectCorruptError
 
             raise ObjectCorruptError(
                 f"{what} was never initialised: its creator did not finish within "

@@ -11,8 +11,8 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any
 
-from ._reaper import Exit
-from .errors import ChildCrashedError, RemoteTraceback, TaskTimeoutError
+from ..errors import ChildCrashedError, RemoteTraceback, TaskTimeoutError
+from .reaper import Exit
 
 __all__ = ["Running", "TaskFuture", "TaskRecord", "Work", "apply_chunk", "chunks", "drop", "kill",
            "task_failure"]

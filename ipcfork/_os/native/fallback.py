@@ -3,7 +3,7 @@
 The same glibc ``pthread_mutex_*`` calls on the same 128-byte block as ``_core.c`` (see the
 layout there), so a process on this path and one on the compiled path share a mutex
 correctly; only the speed differs (each ctypes call costs about a microsecond).  Atomics
-come from GCC's ``libatomic.so.1`` (see :mod:`ipcfork._native.libatomic`).
+come from GCC's ``libatomic.so.1`` (see :mod:`ipcfork._os.native.libatomic`).
 
 ctypes releases the GIL around each libc call, and a timed-out wait slice returns to Python
 code, where the interpreter runs pending signal handlers: a handler that raises ends the
@@ -21,8 +21,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from .._timeouts import check_timeout
-from ..errors import (
+from ...errors import (
     BufferInUseError,
     DeadlockError,
     InvalidArgumentError,
@@ -30,6 +29,7 @@ from ..errors import (
     ObjectClosedError,
     ObjectCorruptError,
 )
+from ..timeouts import check_timeout
 from .fallback_sysv import SysvLockCore
 from .fallback_sysv import _process as _sysv_process
 from .libatomic import AtomicWords

@@ -29,8 +29,8 @@ import os
 
 import posix_ipc
 
-from ._identity import process_alive
-from ._libc import sem_getval, sem_member_info
+from .identity import process_alive
+from .libc import sem_getval, sem_member_info
 
 __all__ = ["PosixUsers", "Usage", "sysv_usage"]
 

@@ -48,15 +48,19 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
-from . import _signals
-from ._child import run_task_in_child
-from ._identity import IDENTITY
-from ._logs import LogChannel
-from ._pool_workers import WorkerDispatch
-from ._pool_zygote import ZygoteDispatch
-from ._progress import with_progress
-from ._reaper import ChildWatch, Exit
-from ._tasks import (
+from .._os.identity import IDENTITY
+from .._os.timeouts import check_timeout
+from .._os.translate import fork_error
+from ..errors import (
+    ForkSafetyWarning,
+    InvalidArgumentError,
+)
+from . import signals as _signals
+from .child import run_task_in_child
+from .logs import LogChannel
+from .progress import with_progress
+from .reaper import ChildWatch, Exit
+from .tasks import (
     Running,
     TaskFuture,
     TaskRecord,
@@ -67,14 +71,10 @@ from ._tasks import (
     kill,
     task_failure,
 )
-from ._timeouts import check_timeout
-from ._transfer import EXCEPTION, OutcomeArena, discard_outcome, outcome_name
-from ._translate import fork_error
-from ._workers import DEPTH, Worker
-from .errors import (
-    ForkSafetyWarning,
-    InvalidArgumentError,
-)
+from .transfer import EXCEPTION, OutcomeArena, discard_outcome, outcome_name
+from .worker_loop import DEPTH, Worker
+from .workers import WorkerDispatch
+from .zygote import ZygoteDispatch
 
 __all__ = ["ForkPool", "TaskFuture", "TaskRecord"]
 

@@ -32,10 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._child import EXIT_NO_OUTCOME, EXIT_OK, end_child, run_task_in_child, start_child
-from ._reaper import Exit, reap
-from ._transfer import OutcomeArena
-from ._workers import call_pickled
+from .child import EXIT_NO_OUTCOME, EXIT_OK, end_child, run_task_in_child, start_child
+from .reaper import Exit, reap
+from .transfer import OutcomeArena
+from .worker_loop import call_pickled
 
 __all__ = ["EVENT", "ZygoteEvent", "kill_command", "parse_events", "run_zygote",
            "task_command"]

@@ -29,21 +29,8 @@ from typing import Any
 
 import sysv_ipc
 
-from . import _registry
-from ._common import kernel_limit
-from ._identity import IDENTITY
-from ._libc import (
-    WAIT_DONE,
-    WAIT_INTERRUPTED,
-    sem_getval,
-    sem_member_exists,
-    semget,
-    semtimedop,
-)
-from ._security import CREATE_MODE, check_owner
-from ._timeouts import Deadline
-from ._translate import translate_exception, translating
-from .errors import (
+from .._common import kernel_limit
+from ..errors import (
     InvalidArgumentError,
     IpcforkError,
     LimitExceededError,
@@ -51,6 +38,19 @@ from .errors import (
     ObjectExistsError,
     WaitTimeoutError,
 )
+from . import registry as _registry
+from .identity import IDENTITY
+from .libc import (
+    WAIT_DONE,
+    WAIT_INTERRUPTED,
+    sem_getval,
+    sem_member_exists,
+    semget,
+    semtimedop,
+)
+from .security import CREATE_MODE, check_owner
+from .timeouts import Deadline
+from .translate import translate_exception, translating
 
 __all__ = [
     "IPC_NOWAIT", "PHP_NSEMS", "SEMVMX", "SEM_UNDO", "SysvSemaphore", "open_sysv_queue",

@@ -328,7 +328,7 @@ static PyType_Slot sysv_slots[] = {
 };
 
 PyType_Spec sysv_lock_spec = {
-    .name = "ipcfork._native._core.SysvLockCore",
+    .name = "ipcfork._os.native._core.SysvLockCore",
     .basicsize = sizeof(SysvLockObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = sysv_slots,

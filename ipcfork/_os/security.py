@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .errors import ObjectCorruptError, ObjectNotFoundError, UnsafeObjectError
+from ..errors import ObjectCorruptError, ObjectNotFoundError, UnsafeObjectError
 
 __all__ = ["CREATE_MODE", "SEM_T_SIZE", "check_owner", "check_posix_file", "posix_sem_path"]
 

@@ -16,13 +16,7 @@ from typing import Any
 
 import posix_ipc
 
-from . import _registry
-from ._libc import WAIT_DONE, WAIT_INTERRUPTED, sem_close, sem_open, sem_timedwait
-from ._names import anonymous_posix_name, posix_name
-from ._security import CREATE_MODE, SEM_T_SIZE, check_owner, check_posix_file, posix_sem_path
-from ._timeouts import Deadline
-from ._translate import translate_exception, translating
-from .errors import (
+from ..errors import (
     InvalidArgumentError,
     LimitExceededError,
     ObjectClosedError,
@@ -30,6 +24,12 @@ from .errors import (
     ObjectExistsError,
     ObjectNotFoundError,
 )
+from . import registry as _registry
+from .libc import WAIT_DONE, WAIT_INTERRUPTED, sem_close, sem_open, sem_timedwait
+from .names import anonymous_posix_name, posix_name
+from .security import CREATE_MODE, SEM_T_SIZE, check_owner, check_posix_file, posix_sem_path
+from .timeouts import Deadline
+from .translate import translate_exception, translating
 
 __all__ = ["PosixSemaphore", "open_posix_shm", "resolve_posix_name", "unlink_posix_shm"]
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import posix_ipc
 
-from ._names import POSIX_PREFIX
-from ._security import CREATE_MODE
+from .._os.names import POSIX_PREFIX
+from .._os.security import CREATE_MODE
 
 __all__ = ["EXCEPTION", "RESULT", "OutcomeArena", "discard_outcome", "outcome_name",
            "read_outcome", "write_outcome"]
@@ -243,7 +243,7 @@ class OutcomeArena:
     _SLOT_HEAD = struct.Struct("<QQQQ")
 
     def __init__(self, slots: int) -> None:
-        from .shm import SharedMemory
+        from ..shm import SharedMemory
 
         self.slots = slots
         self._shm = SharedMemory(slots * self.SLOT)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import posix_ipc
 import sysv_ipc
 
-from .errors import (
+from ..errors import (
     AccessDeniedError,
     InvalidArgumentError,
     IpcforkError,

@@ -193,7 +193,7 @@ static PyType_Slot words_slots[] = {
 };
 
 PyType_Spec words_spec = {
-    .name = "ipcfork._native._core.AtomicWords",
+    .name = "ipcfork._os.native._core.AtomicWords",
     .basicsize = sizeof(AtomicWordsObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .slots = words_slots,

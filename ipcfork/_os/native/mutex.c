@@ -550,7 +550,7 @@ static PyType_Slot mutex_slots[] = {
 };
 
 PyType_Spec mutex_spec = {
-    .name = "ipcfork._native._core.RobustMutex",
+    .name = "ipcfork._os.native._core.RobustMutex",
     .basicsize = sizeof(RobustMutexObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = mutex_slots,

@@ -21,10 +21,10 @@ from typing import Any
 import posix_ipc
 import sysv_ipc
 
-from ._identity import IDENTITY, process_alive, token_alive, token_pid
-from ._names import POSIX_PREFIX
-from ._usage import PosixUsers, sysv_usage
-from .errors import UnsafeObjectError
+from ..errors import UnsafeObjectError
+from .identity import IDENTITY, process_alive, token_alive, token_pid
+from .names import POSIX_PREFIX
+from .usage import PosixUsers, sysv_usage
 
 __all__ = ["Record", "clean", "forget", "list_objects", "remember", "runtime_dir"]
 

@@ -297,7 +297,7 @@ static PyType_Slot counter_slots[] = {
 };
 
 PyType_Spec counter_spec = {
-    .name = "ipcfork._native._core.CounterCore",
+    .name = "ipcfork._os.native._core.CounterCore",
     .basicsize = sizeof(CounterCoreObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = counter_slots,

@@ -14,14 +14,14 @@ import threading
 import time
 from typing import Any
 
-from .._libc import WAIT_DONE, semtimedop
-from .._timeouts import check_timeout
-from ..errors import (
+from ...errors import (
     BufferInUseError,
     InvalidArgumentError,
     ObjectClosedError,
     ObjectNotFoundError,
 )
+from ..libc import WAIT_DONE, semtimedop
+from ..timeouts import check_timeout
 
 __all__ = ["SysvLockCore"]
 

@@ -15,8 +15,8 @@ from typing import Final
 
 import sysv_ipc
 
-from ._identity import IDENTITY
-from .errors import InvalidArgumentError, ObjectNotFoundError
+from ..errors import InvalidArgumentError, ObjectNotFoundError
+from .identity import IDENTITY
 
 __all__ = [
     "BACKENDS",

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ._transfer import EXCEPTION, RESULT
+from .transfer import EXCEPTION, RESULT
 
 __all__ = ["EXIT_NO_OUTCOME", "EXIT_OK", "end_child", "run_call", "run_task_in_child",
            "start_child"]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import time
 
-from ._pool_core import PoolCore
-from ._reaper import Exit
-from ._tasks import Work
-from ._transfer import discard_outcome, outcome_name
-from ._translate import fork_error
-from ._workers import DEPTH, InFlight, Worker, encode_task, run_worker
+from .._os.translate import fork_error
+from .core import PoolCore
+from .reaper import Exit
+from .tasks import Work
+from .transfer import discard_outcome, outcome_name
+from .worker_loop import DEPTH, InFlight, Worker, encode_task, run_worker
 
 __all__ = ["WorkerDispatch"]
 

@@ -5,7 +5,7 @@ A worker is forked by the pool's manager thread and then runs task after task:
     parent ──task pipe──> worker:  u32 length, u32 slot, spill name, the call (encode_call)
     worker ──done pipe──> parent:  u32 slot, once the outcome is complete in that slot
 
-Outcomes go through the pool's :class:`~ipcfork._transfer.OutcomeArena` exactly as in
+Outcomes go through the pool's :class:`~ipcfork.pool.transfer.OutcomeArena` exactly as in
 fork-per-task mode (large ones spill to their own shm object), so the pipes carry only the
 task and a 4-byte completion notice.  Each worker owns ``DEPTH`` slots, so the parent can queue
 the next task while one runs and the worker never waits for the parent between tasks.  The
@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._child import EXIT_NO_OUTCOME, EXIT_OK, end_child, run_call, start_child
-from ._transfer import OutcomeArena
+from .child import EXIT_NO_OUTCOME, EXIT_OK, end_child, run_call, start_child
+from .transfer import OutcomeArena
 
 __all__ = ["DEPTH", "InFlight", "Worker", "call_pickled", "encode_call", "encode_task",
            "flush_outbox", "run_worker"]

@@ -16,12 +16,12 @@ import os
 import signal
 import time
 
-from ._pool_core import PoolCore
-from ._reaper import Exit
-from ._tasks import Running, Work
-from ._transfer import outcome_name
-from ._workers import encode_task, flush_outbox
-from ._zygote import kill_command, parse_events, run_zygote, task_command
+from .core import PoolCore
+from .reaper import Exit
+from .tasks import Running, Work
+from .transfer import outcome_name
+from .worker_loop import encode_task, flush_outbox
+from .zygote_loop import kill_command, parse_events, run_zygote, task_command
 
 __all__ = ["ZygoteDispatch"]
 

@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 /* The calling process's token (pid | start time << 32) and pid, set from Python at import
- * and after every fork (ipcfork._native.__init__). */
+ * and after every fork (ipcfork._os.native.__init__). */
 extern uint64_t process_token;
 /* Bumped by every set_identity (import, and every fork): a per-process epoch. */
 extern uint64_t identity_generation;

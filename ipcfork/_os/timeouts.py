@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 __all__ = ["Deadline", "check_timeout"]
 

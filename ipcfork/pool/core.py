@@ -9,9 +9,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._reaper import ChildWatch, Exit
-from ._tasks import Work
-from ._transfer import OutcomeArena
+from .reaper import ChildWatch, Exit
+from .tasks import Work
+from .transfer import OutcomeArena
 
 __all__ = ["PoolCore"]
 
