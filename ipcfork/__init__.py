@@ -2,9 +2,13 @@
 
 Primitives (each over ``backend="posix"`` or ``backend="sysv"``, anonymous or named):
 :class:`Semaphore`, :class:`Mutex` (robust, with ownership), :class:`Barrier`,
-:class:`SharedMemory` and :class:`MessageQueue`.  Errors derive from :class:`IpcforkError`.
+:class:`SharedMemory` and :class:`MessageQueue`; shared data: :class:`SharedCounter`,
+:class:`SharedValue`/:class:`SharedArray`, :class:`RateLimiter`.  :class:`ForkPool` runs
+callables in forked children (``ipcfork.pool``); :func:`collapse_hugepages` keeps forks from
+a big parent cheap.  Errors derive from :class:`IpcforkError`.
 """
 
+from ._os.hugepages import HugepageReport, collapse_hugepages
 from .barrier import Barrier
 from .counter import SharedCounter
 from .errors import (
@@ -14,6 +18,7 @@ from .errors import (
     ChildCrashedError,
     DeadlockError,
     ForkSafetyWarning,
+    HugepageWarning,
     InvalidArgumentError,
     IpcforkError,
     LimitExceededError,
@@ -32,6 +37,7 @@ from .errors import (
 from .mqueue import MessageQueue
 from .mutex import Mutex
 from .pool import ForkPool, TaskFuture, TaskRecord
+from .pool.transfer import result_buffer
 from .ratelimit import RateLimiter
 from .semaphore import Semaphore
 from .shared import SharedArray, SharedValue
@@ -48,6 +54,8 @@ __all__ = [
     "DeadlockError",
     "ForkPool",
     "ForkSafetyWarning",
+    "HugepageReport",
+    "HugepageWarning",
     "InvalidArgumentError",
     "IpcforkError",
     "LimitExceededError",
@@ -72,4 +80,6 @@ __all__ = [
     "TaskTimeoutError",
     "UnsafeObjectError",
     "WaitTimeoutError",
+    "collapse_hugepages",
+    "result_buffer",
 ]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from ._os.identity import IDENTITY
 from ._os.names import DEFAULT_PROJ, check_backend, sysv_key
 from .errors import InvalidArgumentError, ObjectClosedError
 
 __all__ = [
-    "check_count", "describe", "kernel_limit", "on_creator_exit", "raise_closed", "sysv_key_for",
+    "ClosingContext", "check_count", "describe", "kernel_limit", "on_creator_exit",
+    "raise_closed", "sysv_key_for",
 ]
 
 
@@ -71,3 +73,20 @@ def kernel_limit(path: str, default: int) -> int:
             return int(source.read().split()[0])
     except (OSError, ValueError, IndexError):
         return default
+
+
+class ClosingContext:
+    """``with obj as o:`` gives the object itself and closes it (in this process) at the
+    end of the block, whatever ends it; subclasses provide :meth:`close`."""
+
+    __slots__ = ()  # keeps subclasses with __slots__ free of a __dict__
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

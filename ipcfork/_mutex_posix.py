@@ -19,7 +19,7 @@ import os
 from . import errors
 from ._os.names import anonymous_posix_name, posix_name
 from ._os.native import BLOCK_SIZE, INIT_WAIT, RobustMutex, bind_block
-from ._os.posix import open_posix_shm, unlink_posix_shm
+from ._os.posix import open_posix_shm, unlink_posix
 from .mutex import Mutex
 
 __all__ = ["INIT_WAIT", "MUTEX_SUFFIX", "PosixMutex"]
@@ -61,14 +61,14 @@ class PosixMutex(RobustMutex, Mutex):  # type: ignore[misc]  # RobustMutex is ch
         try:
             self._map = self._map_block(fd, size)
             if self.anonymous:
-                unlink_posix_shm(self._shm_name, self._what)  # lives while mapped: no leak
+                unlink_posix("shm", self._shm_name, self._what)  # lives while mapped: no leak
             bind_block(self, self._map, 0, self.created, self._what)
         except BaseException:
             if self._map is not None:
                 self._map.close()
             if self.created and not self.anonymous:
                 with contextlib.suppress(errors.IpcforkError):
-                    unlink_posix_shm(self._shm_name, self._what)
+                    unlink_posix("shm", self._shm_name, self._what)
             raise
         finally:
             os.close(fd)
@@ -99,4 +99,4 @@ class PosixMutex(RobustMutex, Mutex):  # type: ignore[misc]  # RobustMutex is ch
 
     def unlink(self) -> None:
         if not self.anonymous:
-            unlink_posix_shm(self._shm_name, self._what)
+            unlink_posix("shm", self._shm_name, self._what)

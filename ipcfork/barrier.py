@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import os
 import time
-from types import TracebackType
 
-from ._common import check_count, describe
+from ._common import ClosingContext, check_count, describe
 from ._os.names import DEFAULT_PROJ, _proj_id
 from ._os.timeouts import Deadline, check_timeout
 from .errors import BrokenBarrierError, InvalidArgumentError
@@ -38,7 +37,7 @@ MAX_PARTIES = 32767  # a SysV semaphore cannot count further (SEMVMX)
 _DRAIN_PAUSE, _DRAIN_PAUSE_MAX = 0.0005, 0.005  # seconds; see Barrier.wait
 
 
-class Barrier:
+class Barrier(ClosingContext):
     """``parties`` processes wait until all have arrived, then all go on; reusable.
 
     ``name`` works as for :class:`Semaphore`; a named barrier is made of several objects
@@ -245,12 +244,3 @@ class Barrier:
         self._lock.unlink()
         for gate in self._gates:
             gate.unlink()
-
-    def __enter__(self) -> Barrier:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -47,9 +47,9 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from types import TracebackType
 from typing import Any
 
+from ._common import ClosingContext
 from ._counter_layout import (
     _BLOCKED,
     _CENTRAL,
@@ -132,7 +132,7 @@ def _forget_lanes_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_lanes_after_fork)
 
 
-class SharedCounter(CounterCore):  # type: ignore[misc]  # CounterCore is chosen at import
+class SharedCounter(CounterCore, ClosingContext):  # type: ignore[misc]  # CounterCore is chosen at import
     """A signed 64-bit counter shared by processes (arithmetic wraps like a C ``int64_t``).
 
     ``add(n)`` never blocks and never loses an update; ``value`` reads the total (exact
@@ -485,10 +485,3 @@ class SharedCounter(CounterCore):  # type: ignore[misc]  # CounterCore is chosen
     def unlink(self) -> None:
         """Remove a named counter system-wide.  Raises ObjectNotFoundError if it is gone."""
         self._shm.unlink()
-
-    def __enter__(self) -> SharedCounter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

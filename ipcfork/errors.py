@@ -26,6 +26,7 @@ __all__ = [
     "DeadlockError",
     "ChildCrashedError",
     "ForkSafetyWarning",
+    "HugepageWarning",
     "IpcforkError",
     "InvalidArgumentError",
     "LimitExceededError",
@@ -180,3 +181,10 @@ class RemoteTraceback(Exception):
 
 class ForkSafetyWarning(RuntimeWarning):
     """Forking now may deadlock a child: other threads run in this process."""
+
+
+class HugepageWarning(RuntimeWarning):
+    """Huge pages could not be used as asked: transparent huge pages are off (``never``, or
+    disabled for this process), ``MADV_COLLAPSE`` is not supported (only ``MADV_HUGEPAGE``
+    was applied), or the kernel refused every collapse.  The message says what was done
+    instead; forks keep working, only not faster."""

@@ -21,26 +21,33 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import mmap
 import os
 import pickle
 import time
-from types import TracebackType
 from typing import Any
 
 import posix_ipc
 import sysv_ipc
 
-from ._common import check_count, describe, kernel_limit, on_creator_exit, sysv_key_for
+from ._common import (
+    ClosingContext,
+    check_count,
+    describe,
+    kernel_limit,
+    on_creator_exit,
+    sysv_key_for,
+)
 from ._os import registry as _registry
 from ._os.identity import IDENTITY
 from ._os.libc import WAIT_DONE, WAIT_INTERRUPTED, WAIT_TIMEOUT, mq_timedreceive, mq_timedsend
 from ._os.names import POSIX_PREFIX
-from ._os.posix import open_posix_shm, resolve_posix_name
+from ._os.opening import create_or_open
+from ._os.posix import resolve_posix_name, unlink_posix
 from ._os.security import CREATE_MODE, check_owner
 from ._os.sysv import MSGMAX, open_sysv_queue, remove_sysv
 from ._os.timeouts import Deadline, check_timeout
 from ._os.translate import translate_exception, translating
+from ._spill import dump, read_spill, write_spill
 from .errors import (
     InvalidArgumentError,
     LimitExceededError,
@@ -58,7 +65,7 @@ _BACKOFF_MAX = 0.005
 
 
 
-class MessageQueue:
+class MessageQueue(ClosingContext):
     """A queue of messages between processes.
 
     ``MessageQueue()`` is anonymous (share it through ``fork``); ``name`` works as for
@@ -125,25 +132,19 @@ class MessageQueue:
         if max_message_size is not None:
             check_count(max_message_size, "max_message_size", low=16, high=size_max)
         self._posix_name, anonymous = resolve_posix_name(name, "mq")
-        self.created = False
-        queue = None
-        if create or anonymous:
-            try:
-                with translating(self._what, "posix", "create"):
-                    queue = posix_ipc.MessageQueue(
-                        self._posix_name, posix_ipc.O_CREX, mode=CREATE_MODE,
-                        max_messages=max_messages or min(10, msg_max),
-                        max_message_size=max_message_size or min(8192, size_max))
-                self.created = True
-                os.fchmod(queue.mqd, CREATE_MODE)
-                if not anonymous:
-                    _registry.remember("posix", "queue", self._posix_name)
-            except FileExistsError:
-                if exclusive or anonymous:
-                    raise
-        if queue is None:
-            with translating(self._what, "posix", "open"):
-                queue = posix_ipc.MessageQueue(self._posix_name, 0)
+        queue, self.created = create_or_open(
+            lambda: posix_ipc.MessageQueue(
+                self._posix_name, posix_ipc.O_CREX, mode=CREATE_MODE,
+                max_messages=max_messages or min(10, msg_max),
+                max_message_size=max_message_size or min(8192, size_max)),
+            lambda: posix_ipc.MessageQueue(self._posix_name, 0),
+            creating=create or anonymous, exclusive=exclusive or anonymous, what=self._what,
+            backend="posix")
+        if self.created:
+            os.fchmod(queue.mqd, CREATE_MODE)
+            if not anonymous:
+                _registry.remember("posix", "queue", self._posix_name)
+        else:
             st = os.fstat(queue.mqd)
             try:
                 check_owner(st.st_uid, st.st_mode, self._what, "posix",
@@ -176,40 +177,27 @@ class MessageQueue:
                     f"a raw message of {len(data)} bytes is too long for {self._what}",
                     obj=self._what, backend=self.backend, limit=self._limits)
             return data
-        payload = pickle.dumps(obj, protocol=5)
-        if len(payload) + 1 <= self.max_message_size:
-            return _INLINE + payload
-        return _SPILL + self._spill(payload)
-
-    def _spill(self, payload: bytes) -> bytes:
+        data, raws, flags = dump(obj, self.max_message_size - 1)
+        if not raws and len(data) + 1 <= self.max_message_size:
+            return _INLINE + data
+        # Too large for one message: a spill (the format ForkPool's outcomes use too).
         name = f"/{POSIX_PREFIX}{self._creator}.spill.{os.urandom(8).hex()}"
-        fd, _, _ = open_posix_shm(name, len(payload), create=True, exclusive=True,
-                                  allow_foreign=False, what=f"spill of {self._what}")
-        try:
-            with mmap.mmap(fd, len(payload)) as area:
-                area[:] = payload
-        finally:
-            os.close(fd)
-        return f"{name}\n{len(payload)}".encode()
+        with translating(f"spill of {self._what}", "posix", "create"):
+            write_spill(name, 0, data, raws, flags)
+        return _SPILL + name.encode()
 
     def _decode(self, data: bytes) -> Any:
         if self.raw:
             return data
         kind, body = data[:1], data[1:]
-        if kind == _SPILL:
-            name, size = body.decode().split("\n")
-            body = self._unspill(name, int(size))
-        return pickle.loads(body)
-
-    def _unspill(self, name: str, size: int) -> bytes:
-        fd, _, _ = open_posix_shm(name, None, create=False, exclusive=False,
-                                  allow_foreign=False, what=f"spill of {self._what}")
-        try:
-            posix_ipc.unlink_shared_memory(name)
-            with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as area:
-                return bytes(area)
-        finally:
-            os.close(fd)
+        if kind != _SPILL:
+            return pickle.loads(body)
+        name = body.decode()
+        spilled = read_spill(name)
+        if spilled is None:
+            raise ObjectNotFoundError(f"the spill of a message in {self._what} ({name}) is "
+                                      "missing or incomplete", obj=self._what, backend="posix")
+        return spilled[1]
 
     def _discard(self, data: bytes) -> None:
         """Free the spill a message that was never delivered points to."""
@@ -343,25 +331,10 @@ class MessageQueue:
         if self.backend == "sysv":
             remove_sysv(self._queue, "queue", self._what)
         elif self.name is not None:
-            _registry.forget("posix", "queue", self._posix_name)
-            with translating(self._what, "posix", "unlink"):
-                try:
-                    posix_ipc.unlink_message_queue(self._posix_name)
-                except posix_ipc.ExistentialError:
-                    raise ObjectNotFoundError(f"{self._what} was already removed",
-                                              obj=self._what, backend="posix") from None
+            unlink_posix("queue", self._posix_name, self._what)
 
     def _drain(self) -> None:
         _drain_raw(self._queue, self.backend, self.raw)
-
-    def __enter__(self) -> MessageQueue:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _free_spill(data: bytes, raw: bool) -> None:

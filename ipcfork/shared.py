@@ -15,9 +15,9 @@ from __future__ import annotations
 import array
 import os
 import struct
-from types import TracebackType
 from typing import Any
 
+from ._common import ClosingContext
 from .errors import InvalidArgumentError
 from .mutex import Mutex, companion_lock
 from .shm import SharedMemory
@@ -42,7 +42,7 @@ def _typed(buffer: memoryview, typecode: str) -> memoryview:
     return view
 
 
-class _Shared:
+class _Shared(ClosingContext):
     """What SharedValue and SharedArray have in common: segment, typed view, lock."""
 
     def __init__(self, typecode: str, length: int, name: str | os.PathLike[str] | None,
@@ -100,13 +100,6 @@ class _Shared:
         """Remove a named object (segment and lock) system-wide."""
         self._shm.unlink()
         self.lock.unlink()
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 class SharedValue(_Shared):

@@ -15,14 +15,20 @@ import contextlib
 import mmap
 import os
 import sys
-from types import TracebackType
 from typing import Any
 
 import posix_ipc
 import sysv_ipc
 
-from ._common import check_count, describe, kernel_limit, raise_closed, sysv_key_for
-from ._os.posix import open_posix_shm, resolve_posix_name, unlink_posix_shm
+from ._common import (
+    ClosingContext,
+    check_count,
+    describe,
+    kernel_limit,
+    raise_closed,
+    sysv_key_for,
+)
+from ._os.posix import open_posix_shm, resolve_posix_name, unlink_posix
 from ._os.sysv import open_sysv_shm, remove_sysv
 from ._os.translate import translating
 from .errors import BufferInUseError, InvalidArgumentError
@@ -33,7 +39,7 @@ MAX_SIZE = sys.maxsize  # the real limit (free /dev/shm, SHMMAX) is checked at c
 
 
 
-class SharedMemory:
+class SharedMemory(ClosingContext):
     """A shared memory segment of ``size`` bytes, zero-filled when new.
 
     ``name`` works as for :class:`Semaphore`; ``size`` is needed to create and ignored when
@@ -152,16 +158,7 @@ class SharedMemory:
         if self.name is None:
             return
         if self.backend == "posix":
-            unlink_posix_shm(self._posix_name, self._what)
+            unlink_posix("shm", self._posix_name, self._what)
         else:
             if self._raw is not None:
                 remove_sysv(self._raw, "shm", self._what)
-
-    def __enter__(self) -> SharedMemory:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

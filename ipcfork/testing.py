@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ._os.procfs import SYSV_TABLES, stat_fields, sysv_ids
+
 __all__ = [
     "IpcSnapshot",
     "assert_no_children",
@@ -22,10 +24,6 @@ __all__ = [
     "snapshot",
     "zombies",
 ]
-
-_SYSV_TABLES = {"semaphore": "/proc/sysvipc/sem", "shm": "/proc/sysvipc/shm",
-                "queue": "/proc/sysvipc/msg"}
-
 
 @dataclass(frozen=True)
 class IpcSnapshot:
@@ -57,12 +55,7 @@ def snapshot() -> IpcSnapshot:
     Raises OSError if /proc/sysvipc or /dev/shm cannot be read (a check that cannot look
     must not pass).
     """
-    sysv = set()
-    for kind, path in _SYSV_TABLES.items():
-        with open(path) as table:
-            next(table)
-            for line in table:
-                sysv.add((kind, int(line.split()[1])))
+    sysv = {(kind, ident) for kind in SYSV_TABLES for ident in sysv_ids(kind)}
     dev_shm = frozenset(os.listdir("/dev/shm"))
     mqueue = frozenset(os.listdir("/dev/mqueue")) if os.path.ismount("/dev/mqueue") else None
     return IpcSnapshot(frozenset(sysv), dev_shm, mqueue)
@@ -79,12 +72,11 @@ def assert_no_leaks() -> Iterator[None]:
 
 
 def _stat_fields(pid: int) -> list[str] | None:
+    """The ``stat`` fields of ``pid`` (see ``procfs.stat_fields``), or None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            text = stat.read()
+        return stat_fields(pid)
     except OSError:
         return None
-    return text[text.rindex(")") + 2 :].split()
 
 
 def children(pid: int | None = None) -> list[int]:

@@ -30,6 +30,7 @@ BUILTIN_BASES = {
     errors.ChildCrashedError: ChildProcessError,
     errors.TaskTimeoutError: TimeoutError,
     errors.ForkSafetyWarning: RuntimeWarning,
+    errors.HugepageWarning: RuntimeWarning,
 }
 
 

@@ -291,6 +291,19 @@ def test_bad_max_workers(bad: Any) -> None:
         ForkPool(bad)
 
 
+@pytest.mark.parametrize("bad", [0, -1])
+@pytest.mark.parametrize("mode", [{}, {"tasks_per_child": None}, {"zygote": True}])
+def test_max_workers_below_one_says_what_concurrent_futures_says(
+        bad: int, mode: dict[str, Any]) -> None:
+    # A drop-in Executor: code that matches ProcessPoolExecutor's message must match ours.
+    with pytest.raises(ValueError) as theirs:
+        cf.ProcessPoolExecutor(bad)
+    with pytest.raises(ValueError, match=f"^{theirs.value}") as ours:
+        ForkPool(bad, **mode)
+    assert isinstance(ours.value, ipcfork.InvalidArgumentError)
+    assert str(ours.value).startswith("max_workers must be greater than 0")
+
+
 def test_bad_options() -> None:
     with pytest.raises(ipcfork.InvalidArgumentError, match="timeout"):
         ForkPool(1, timeout=-1)

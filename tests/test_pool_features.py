@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -86,3 +87,44 @@ def test_progress_counts_results(monkeypatch: pytest.MonkeyPatch) -> None:
         assert list(pool.map(abs, [-4, -5], progress=True)) == [4, 5]
     text = stream.getvalue()
     assert "abs: 3/3" in text and "abs: 2/2" in text
+
+
+def _stamp_emitter(record: logging.LogRecord) -> bool:
+    record.emitter = os.getpid()
+    return True
+
+
+def _log_to_file(message: str) -> int:
+    logging.getLogger("ipcfork-test-file").warning(message)
+    logging.getLogger("ipcfork-test-file.child").warning(message + " from the child logger")
+    return os.getpid()
+
+
+@pytest.mark.parametrize("propagate", [True, False])
+def test_a_named_loggers_own_handler_writes_each_record_once_in_the_parent(
+        tmp_path: Any, propagate: bool) -> None:
+    # The child inherits the parent's handlers; a named logger's file handler left there
+    # once wrote each record in the child and again in the parent (after forwarding).
+    path = tmp_path / "job.log"
+    handler = logging.FileHandler(path)
+    handler.addFilter(_stamp_emitter)  # runs in the process whose handler writes
+    handler.setFormatter(logging.Formatter("%(emitter)d %(process)d %(message)s"))
+    logger = logging.getLogger("ipcfork-test-file")
+    logger.addHandler(handler)
+    logger.propagate = propagate
+    root_seen = _Collect()
+    logging.getLogger().addHandler(root_seen)
+    try:
+        with ForkPool(1) as pool:
+            child = pool.submit(_log_to_file, "hello").result(timeout=30)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        logging.getLogger().removeHandler(root_seen)
+        handler.close()
+    lines = path.read_text().splitlines()
+    here = os.getpid()  # written by the parent only, once each
+    assert lines == [f"{here} {child} hello", f"{here} {child} hello from the child logger"]
+    reached_root = [r.getMessage() for r in root_seen.records if r.name.startswith(
+        "ipcfork-test-file")]
+    assert reached_root == (["hello", "hello from the child logger"] if propagate else [])

@@ -98,3 +98,111 @@ _NO_ROOM = textwrap.dedent("""
 def test_a_fork_refused_with_no_child_to_wait_for_fails_its_task_clearly() -> None:
     run = _run_limited(2, _NO_ROOM)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+# Zygote mode under pids.max=4: the main thread, the manager thread, the zygote and one task
+# child fit, so the zygote's second fork is refused.  It must wait for its child to end and
+# fork again (the refusal once killed the zygote and failed every task as a crash).
+_ZYGOTE_WAITS = textwrap.dedent("""
+    import os, sys
+    import ipcfork
+
+    cgroup = sys.argv[1]
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+        procs.write(str(os.getpid()))
+
+    def refusals() -> int:
+        with open(os.path.join(cgroup, "pids.events")) as events:
+            return int(events.read().split()[1])
+
+    def first() -> int:
+        while refusals() == 0:
+            os.sched_yield()
+        return -1
+
+    with ipcfork.ForkPool(2, zygote=True) as pool:
+        futures = [pool.submit(first)] + [pool.submit(abs, -i) for i in range(1, 6)]
+        results = [f.result(timeout=60) for f in futures]
+    assert results == [-1, 1, 2, 3, 4, 5], results
+    print(refusals())
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+def test_a_zygote_whose_fork_is_refused_waits_for_its_child_and_forks_again() -> None:
+    run = _run_limited(4, _ZYGOTE_WAITS)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) >= 1  # the kernel did refuse the zygote's fork
+
+
+# Under pids.max=3 the zygote has no room for any child and no child to wait for: each task
+# fails clearly, and the zygote and the pool live on (a later task runs once room is made).
+_ZYGOTE_NO_ROOM = textwrap.dedent("""
+    import os, sys
+    import ipcfork
+    from ipcfork import testing
+
+    cgroup = sys.argv[1]
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+        procs.write(str(os.getpid()))
+    with ipcfork.ForkPool(2, zygote=True) as pool:
+        zygote = testing.children()
+        for _ in range(2):
+            try:
+                pool.submit(abs, -1).result(timeout=60)
+            except ipcfork.LimitExceededError as exc:
+                assert "out of processes" in str(exc), exc
+            else:
+                raise AssertionError("a fork succeeded past pids.max")
+        assert testing.children() == zygote  # the same zygote, alive
+        with open(os.path.join(cgroup, "pids.max"), "w") as pids_max:
+            pids_max.write("4")
+        assert pool.submit(abs, -7).result(timeout=60) == 7
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+def test_a_zygote_with_no_child_to_wait_for_fails_the_task_and_lives() -> None:
+    run = _run_limited(3, _ZYGOTE_NO_ROOM)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+# Persistent workers: a task lowers pids.max to what is left after its worker dies, then
+# kills the worker.  The retry finds no worker and cannot fork one, so the retried future,
+# RUNNING already, must fail with the fork error; it once made the manager call
+# set_running_or_notify_cancel() on it, which raised and failed every future.
+_WORKER_RETRY_NO_ROOM = textwrap.dedent("""
+    import os, sys
+    import ipcfork
+
+    cgroup = sys.argv[1]
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+        procs.write(str(os.getpid()))
+
+    def squeeze_and_die() -> None:
+        with open(os.path.join(cgroup, "pids.max"), "w") as pids_max:
+            pids_max.write("2")  # the main thread and the manager: no room for a worker
+        os._exit(1)
+
+    with ipcfork.ForkPool(1, tasks_per_child=None, retries=1) as pool:
+        future = pool.submit(squeeze_and_die)
+        try:
+            future.result(timeout=60)
+        except ipcfork.LimitExceededError as exc:
+            assert "out of processes" in str(exc), exc
+        else:
+            raise AssertionError("the retry ran past pids.max")
+        # The first attempt ran (its worker exited 1); the retry never started.
+        assert future.record.attempts == 1 and future.record.exitcode == 1, future.record
+        with open(os.path.join(cgroup, "pids.max"), "w") as pids_max:
+            pids_max.write("3")
+        assert pool.submit(abs, -5).result(timeout=60) == 5  # the manager lives
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+def test_a_retry_that_finds_no_worker_and_cannot_fork_fails_only_its_task() -> None:
+    run = _run_limited(3, _WORKER_RETRY_NO_ROOM)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr

@@ -32,6 +32,9 @@ import pytest
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 TEXT = README.read_text()
 EXAMPLES = re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
+# The pool guide's examples are held to the same rule.
+POOL_GUIDE = README.parent / "docs" / "pool.md"
+GUIDE_EXAMPLES = re.findall(r"```python\n(.*?)```", POOL_GUIDE.read_text(), flags=re.S)
 
 # Comments of README print lines that say something other than the value printed.
 PROSE = {
@@ -175,7 +178,9 @@ def check_prints(code: str, printed: list[tuple[int, str]], other: list[str]) ->
     return problems
 
 
-@pytest.mark.parametrize("code", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
+@pytest.mark.parametrize("code", EXAMPLES + GUIDE_EXAMPLES,
+                         ids=[f"example{i}" for i in range(len(EXAMPLES))]
+                         + [f"pool-guide{i}" for i in range(len(GUIDE_EXAMPLES))])
 def test_readme_example_prints_what_its_comments_say(code: str) -> None:
     printed, other = run_example(code)
     assert check_prints(code, printed, other) == []

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from .procfs import stat_fields
+
 __all__ = ["ProcessIdentity", "IDENTITY", "process_alive", "token_alive", "token_pid"]
 
 _PID_MASK = 0xFFFFFFFF
@@ -19,14 +21,10 @@ _PID_MASK = 0xFFFFFFFF
 def _start_time(pid: int) -> int | None:
     """Return the start time of ``pid`` in clock ticks, or None if it is gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            text = stat.read()
+        fields = stat_fields(pid)
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = text[text.rindex(b")") + 2 :].split()
-    state = fields[0]
-    if state in (b"Z", b"X", b"x"):
+    if fields[0] in ("Z", "X", "x"):
         return None  # a zombie holds nothing any more
     return int(fields[19])
 

@@ -27,11 +27,12 @@ from ..errors import (
 from . import registry as _registry
 from .libc import WAIT_DONE, WAIT_INTERRUPTED, sem_close, sem_open, sem_timedwait
 from .names import anonymous_posix_name, posix_name
+from .opening import create_or_open
 from .security import CREATE_MODE, SEM_T_SIZE, check_owner, check_posix_file, posix_sem_path
 from .timeouts import Deadline
 from .translate import translate_exception, translating
 
-__all__ = ["PosixSemaphore", "open_posix_shm", "resolve_posix_name", "unlink_posix_shm"]
+__all__ = ["PosixSemaphore", "open_posix_shm", "resolve_posix_name", "unlink_posix"]
 
 SEM_VALUE_MAX: int = posix_ipc.SEMAPHORE_VALUE_MAX
 INIT_WAIT = 2.0  # seconds an opener waits for a creator to size a new shm object
@@ -68,29 +69,28 @@ class PosixSemaphore:
             )
         self.name, self.anonymous = resolve_posix_name(name, "sem")
         self.what = what
-        self.created = False
-        raw = None
-        if create or self.anonymous:
-            with contextlib.suppress(ObjectExistsError):
-                with translating(what, "posix", "create"):
-                    raw = posix_ipc.Semaphore(
-                        self.name, posix_ipc.O_CREX, mode=CREATE_MODE, initial_value=initial
-                    )
-                self.created = True
-                # sem_open honours the umask, which may only clear bits: force 0600.
-                os.chmod(posix_sem_path(self.name), CREATE_MODE)
-                if not self.anonymous:
-                    _registry.remember("posix", "semaphore", self.name)
-            if raw is None and (exclusive or self.anonymous):
-                raise ObjectExistsError(f"{what} already exists", obj=what, backend="posix")
-        if raw is None:
+
+        def open_existing() -> Any:
             # Check before sem_open maps the file: a short file would SIGBUS the interpreter.
             check_posix_file(
                 posix_sem_path(self.name), what, allow_foreign=allow_foreign, min_size=SEM_T_SIZE
             )
-            with translating(what, "posix", "open"):
-                raw = posix_ipc.Semaphore(self.name, 0)
-        self.raw: Any = raw
+            return posix_ipc.Semaphore(self.name, 0)
+
+        try:
+            self.raw: Any
+            self.raw, self.created = create_or_open(
+                lambda: posix_ipc.Semaphore(self.name, posix_ipc.O_CREX, mode=CREATE_MODE,
+                                            initial_value=initial),
+                open_existing, creating=create or self.anonymous,
+                exclusive=exclusive or self.anonymous, what=what, backend="posix")
+        except ObjectExistsError:
+            raise ObjectExistsError(f"{what} already exists", obj=what, backend="posix") from None
+        if self.created:
+            # sem_open honours the umask, which may only clear bits: force 0600.
+            os.chmod(posix_sem_path(self.name), CREATE_MODE)
+            if not self.anonymous:
+                _registry.remember("posix", "semaphore", self.name)
         try:
             # Our own mapping for waits through ctypes; see _libc for why.
             self.handle = sem_open(self.name)
@@ -164,16 +164,8 @@ class PosixSemaphore:
             self.raw.close()
 
     def unlink(self) -> None:
-        if self.anonymous:
-            return
-        _registry.forget("posix", "semaphore", self.name)
-        with translating(self.what, "posix", "unlink"):
-            try:
-                posix_ipc.unlink_semaphore(self.name)
-            except posix_ipc.ExistentialError:
-                raise ObjectNotFoundError(
-                    f"{self.what} was already removed", obj=self.what, backend="posix"
-                ) from None
+        if not self.anonymous:
+            unlink_posix("semaphore", self.name, self.what)
 
 
 def _shm_limit() -> int:
@@ -203,30 +195,25 @@ def open_posix_shm(
                 backend="posix",
                 limit=f"size <= {room} (free space in /dev/shm)",
             )
-        try:
-            with translating(what, "posix", "create"):
-                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=CREATE_MODE)
-        except ObjectExistsError:
-            if exclusive:
-                raise
-        else:
-            fd = os.dup(shm.fd)  # not inheritable, as every descriptor Python makes
-            shm.close_fd()
-            try:
-                os.fchmod(fd, CREATE_MODE)
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                os.close(fd)
-                posix_ipc.unlink_shared_memory(name)
-                with translating(what, "posix", "reserve"):
-                    raise exc
-            if track:
-                _registry.remember("posix", "shm", name)
-            return fd, size, True
-    with translating(what, "posix", "open"):
-        shm = posix_ipc.SharedMemory(name, 0)
-    fd = os.dup(shm.fd)
+    shm, created = create_or_open(
+        lambda: posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=CREATE_MODE),
+        lambda: posix_ipc.SharedMemory(name, 0),
+        creating=create or exclusive, exclusive=exclusive, what=what, backend="posix")
+    fd = os.dup(shm.fd)  # not inheritable, as every descriptor Python makes
     shm.close_fd()
+    if created:
+        assert size is not None  # checked above: creating needs a size
+        try:
+            os.fchmod(fd, CREATE_MODE)
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            os.close(fd)
+            posix_ipc.unlink_shared_memory(name)
+            with translating(what, "posix", "reserve"):
+                raise exc
+        if track:
+            _registry.remember("posix", "shm", name)
+        return fd, size, True
     st = os.fstat(fd)
     try:
         check_owner(st.st_uid, st.st_mode, what, "posix", allow_foreign=allow_foreign)
@@ -259,15 +246,21 @@ def _wait_sized(fd: int, name: str, what: str) -> int:
         time.sleep(0.001)
 
 
-def unlink_posix_shm(name: str, what: str) -> None:
-    """Remove a named POSIX shared memory object and its registry record.
+_UNLINKERS = {"semaphore": posix_ipc.unlink_semaphore, "shm": posix_ipc.unlink_shared_memory,
+              "queue": posix_ipc.unlink_message_queue}
 
-    Raises ObjectNotFoundError if it is already gone.
+
+def unlink_posix(kind: str, name: str, what: str) -> None:
+    """Remove the named POSIX object ``name`` of ``kind`` (``semaphore``, ``shm``,
+    ``queue``) system-wide, and its registry record.
+
+    Raises ObjectNotFoundError if it is already gone, other ipcfork errors as the unlink
+    call fails.
     """
-    _registry.forget("posix", "shm", name)
+    _registry.forget("posix", kind, name)
     with translating(what, "posix", "unlink"):
         try:
-            posix_ipc.unlink_shared_memory(name)
+            _UNLINKERS[kind](name)
         except posix_ipc.ExistentialError:
             raise ObjectNotFoundError(f"{what} was already removed", obj=what,
                                       backend="posix") from None

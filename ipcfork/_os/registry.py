@@ -24,6 +24,7 @@ import sysv_ipc
 from ..errors import UnsafeObjectError
 from .identity import IDENTITY, process_alive, token_alive, token_pid
 from .names import POSIX_PREFIX
+from .procfs import sysv_row
 from .usage import PosixUsers, sysv_usage
 
 __all__ = ["Record", "clean", "forget", "list_objects", "remember", "runtime_dir"]
@@ -106,23 +107,13 @@ class Record:
         return "in use" if self.in_use else "orphan"
 
 
-_SYSV_TABLES = {"semaphore": "/proc/sysvipc/sem", "shm": "/proc/sysvipc/shm",
-                "queue": "/proc/sysvipc/msg"}
-
-
 def _sysv_row(kind: str, ident: str) -> tuple[int, int] | None:
     """``(key, ctime)`` of SysV object ``ident`` from /proc, or None if it is gone."""
     try:
-        with open(_SYSV_TABLES[kind]) as listing:
-            names = next(listing).split()
-            ctime_at = names.index("ctime")
-            for line in listing:
-                fields = line.split()
-                if fields[1] == ident:
-                    return int(fields[0]), int(fields[ctime_at])
-    except (OSError, KeyError, StopIteration, IndexError, ValueError):
-        pass
-    return None
+        row = sysv_row(kind, ident)
+        return None if row is None else (int(row["key"]), int(row["ctime"]))
+    except (KeyError, ValueError):  # a record of an unknown kind, or an unexpected table
+        return None
 
 
 def _sysv_exists(kind: str, ident: str, key: int | None, ctime: int | None) -> bool:

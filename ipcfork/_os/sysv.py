@@ -48,6 +48,7 @@ from .libc import (
     semget,
     semtimedop,
 )
+from .opening import create_or_open
 from .security import CREATE_MODE, check_owner
 from .timeouts import Deadline
 from .translate import translate_exception, translating
@@ -121,31 +122,22 @@ class SysvSemaphore:
         self.what = what
         self.anonymous = key is None
         self.key = sysv_ipc.IPC_PRIVATE if key is None else key
-        self.created = False
         self.undo_flag = SEM_UNDO if undo else 0
         self.joined = 0  # the pid that counted itself among the users (PHP's layout)
         self.guard_held = False
-        raw = None
-        if create or self.anonymous:
+        raw, self.created = create_or_open(
+            self._create, lambda: sysv_ipc.Semaphore(self.key), creating=create or self.anonymous,
+            exclusive=exclusive, what=what, backend="sysv")
+        if self.created:
+            _registry.remember("sysv", "semaphore", str(raw.id), key=self.key)
             try:
-                with translating(what, "sysv", "create"):
-                    raw = self._create()
-            except ObjectExistsError:
-                if exclusive:
-                    raise
-            else:
-                self.created = True
-                _registry.remember("sysv", "semaphore", str(raw.id), key=self.key)
-                try:
-                    self._initialise(raw, initial, hold_guard)
-                except BaseException:
-                    with contextlib.suppress(sysv_ipc.Error):
-                        raw.remove()
-                    _registry.forget("sysv", "semaphore", str(raw.id))
-                    raise
-        if raw is None:
-            with translating(what, "sysv", "open"):
-                raw = sysv_ipc.Semaphore(self.key)
+                self._initialise(raw, initial, hold_guard)
+            except BaseException:
+                with contextlib.suppress(sysv_ipc.Error):
+                    raw.remove()
+                _registry.forget("sysv", "semaphore", str(raw.id))
+                raise
+        else:
             check_owner(raw.uid, raw.mode, what, "sysv", allow_foreign=allow_foreign,
                         creator_uid=raw.cuid)
             self._wait_initialised(raw)
@@ -317,20 +309,16 @@ def _wrap_open(
     """Create-or-open a SysV shm segment or queue: ``(raw, created)``."""
     anonymous = key is None
     real_key = sysv_ipc.IPC_PRIVATE if anonymous else key
-    if create or anonymous:
-        try:
-            with translating(what, "sysv", "create"):
-                raw = factory(real_key, sysv_ipc.IPC_CREX, mode=CREATE_MODE, **create_args,
-                              **(open_args or {}))
-        except ObjectExistsError:
-            if exclusive:
-                raise
-        else:
-            if not anonymous or kind == "queue":
-                _registry.remember("sysv", kind, str(raw.id), key=real_key)
-            return raw, True
-    with translating(what, "sysv", "open"):
-        raw = factory(real_key, **(open_args or {}))
+    both_args = open_args or {}  # open_args go to both calls, create_args to create only
+    raw, created = create_or_open(
+        lambda: factory(real_key, sysv_ipc.IPC_CREX, mode=CREATE_MODE, **create_args,
+                        **both_args),
+        lambda: factory(real_key, **both_args), creating=create or anonymous,
+        exclusive=exclusive, what=what, backend="sysv")
+    if created:
+        if not anonymous or kind == "queue":
+            _registry.remember("sysv", kind, str(raw.id), key=real_key)
+        return raw, True
     try:
         check_owner(raw.uid, raw.mode, what, "sysv", allow_foreign=allow_foreign,
                     creator_uid=raw.cuid)

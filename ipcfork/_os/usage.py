@@ -31,25 +31,13 @@ import posix_ipc
 
 from .identity import process_alive
 from .libc import sem_getval, sem_member_info
+from .procfs import sysv_row
 
 __all__ = ["PosixUsers", "Usage", "sysv_usage"]
 
 Usage = tuple[tuple[int, ...], int]  # (live pids using it, processes attached/counted)
 
 PHP_NSEMS = 3  # PHP's sem_get layout (see _sysv; not imported: _sysv imports the registry)
-_SYSV_TABLES = {"semaphore": "/proc/sysvipc/sem", "shm": "/proc/sysvipc/shm",
-                "queue": "/proc/sysvipc/msg"}
-
-
-def _sysv_fields(kind: str, ident: str) -> dict[str, str] | None:
-    """The /proc/sysvipc row of SysV object ``ident`` by column name, or None if gone."""
-    with contextlib.suppress(OSError, StopIteration), open(_SYSV_TABLES[kind]) as listing:
-        names = next(listing).split()
-        for line in listing:
-            fields = line.split()
-            if len(fields) > 1 and fields[1] == ident:
-                return dict(zip(names, fields, strict=False))
-    return None
 
 
 def _alive(pids: list[int]) -> tuple[int, ...]:
@@ -60,7 +48,7 @@ def _alive(pids: list[int]) -> tuple[int, ...]:
 def sysv_usage(kind: str, ident: str) -> Usage:
     """``(live users, attached or counted)`` of SysV object ``ident`` (see the module
     docstring for what each kind reveals); ``((), 0)`` if it is gone or unreadable."""
-    row = _sysv_fields(kind, ident)
+    row = sysv_row(kind, ident)
     if row is None:
         return (), 0
     try:

@@ -7,6 +7,7 @@ so no ``finally`` block, atexit handler or buffered output of the parent runs tw
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from .transfer import EXCEPTION, RESULT
+from .transfer import BEGIN, EXCEPTION, RESULT
 
 __all__ = ["EXIT_NO_OUTCOME", "EXIT_OK", "end_child", "run_call", "run_task_in_child",
            "start_child"]
@@ -53,7 +54,16 @@ def exception_payload(exc: BaseException) -> tuple[BaseException | None, str, st
 
 
 def start_child(parent_pid: int, setup: Callable[[], None] | None) -> None:
-    """First steps of every process a pool forks (task child, worker, zygote)."""
+    """First steps of every process a pool forks (task child, worker, zygote).
+
+    ``gc.freeze()`` first: every object inherited from the parent moves to the collector's
+    permanent generation (a splice of its lists, touching no object), so a collection in
+    the child scans only what the child made.  Without it one collection writes the GC
+    header of every inherited container and copies the parent's heap page by page
+    (copy-on-write): a child that ran one ``gc.collect()`` cost 14 ms instead of 3.6 ms
+    here, 26 ms instead of 6.5 ms with 300,000 dicts in the parent.
+    """
+    gc.freeze()
     die_with_parent(parent_pid)
     reset_signals()
     if setup is not None:
@@ -72,7 +82,12 @@ def end_child(code: int) -> NoReturn:
 def run_call(write_outcome: Callable[[int, Any], None], fn: Callable[..., Any],
              args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Run ``fn(*args, **kwargs)`` and write its one outcome: the result, or the exception
-    it raised, or the error that kept the result from being pickled."""
+    it raised, or the error that kept the result from being pickled.
+
+    ``write_outcome(BEGIN, None)`` first tells the writer a task starts (so that
+    ``result_buffer`` can spill to the task's name); it writes nothing.
+    """
+    write_outcome(BEGIN, None)
     try:
         result = fn(*args, **kwargs)
     except Exception as exc:

@@ -1,7 +1,8 @@
 """Forwarding children's log records to the parent's handlers ("do I/O in the parent").
 
-Each pool owns one ``AF_UNIX``/``SOCK_DGRAM`` socket pair.  In a child, the root logger's
-handlers are replaced by one that sends each record, formatted into plain data, as a single
+Each pool owns one ``AF_UNIX``/``SOCK_DGRAM`` socket pair.  In a child, every logger's
+handlers are removed and the root (and any logger that does not propagate) gets one that
+sends each record, formatted into plain data, as a single
 datagram (message boundaries kept, one send is atomic, so records of concurrent children
 never interleave).  The parent's manager thread reads the socket whenever it has data, so a
 child never waits on a full channel for long, and hands each record to the logger of the
@@ -54,17 +55,33 @@ class LogChannel:
         self._parent_end.setblocking(False)
 
     @property
+    def fds(self) -> tuple[int, int]:
+        """Both ends (the pool's own: not an inherited connection to warn about)."""
+        return self._parent_end.fileno(), self._child_end.fileno()
+
+    @property
     def fd(self) -> int:
         """The descriptor the parent polls."""
         return self._parent_end.fileno()
 
     def install_in_child(self) -> None:
-        """In a child: route every record to the parent instead of local handlers."""
+        """In a child: route every record to the parent instead of local handlers.
+
+        Every logger's own handlers go (a named logger's file handler would otherwise
+        write here and again in the parent).  The root forwards what propagates to it; a
+        logger that stops propagation forwards its own records, so each record crosses
+        once and the parent's loggers, with their handlers and propagation, take it from
+        there."""
         self._parent_end.close()
+        forward = _ForwardingHandler(self._child_end)
         root = logging.getLogger()
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        root.addHandler(_ForwardingHandler(self._child_end))
+        named = [logger for logger in logging.Logger.manager.loggerDict.values()
+                 if isinstance(logger, logging.Logger)]  # not the PlaceHolders
+        for logger in [root, *named]:
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            if logger is root or not logger.propagate:
+                logger.addHandler(forward)
         logging.lastResort = None
 
     def drain(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import weakref
 from dataclasses import dataclass
 
 __all__ = ["ChildWatch", "Exit"]
@@ -71,7 +72,9 @@ class ChildWatch:
 
     def wake(self) -> None:
         """Make a pending or the next :meth:`wait` return (callable from any thread)."""
-        with contextlib.suppress(BlockingIOError):
+        # BlockingIOError: a wake-up is pending already.  BrokenPipeError: closed; the write
+        # end stays open until this object goes, so a late wake never hits a reused fd.
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
             os.write(self._wake_w, b"!")
 
     def wait(self, timeout: float | None) -> list[Exit]:
@@ -105,7 +108,7 @@ class ChildWatch:
             os.close(fd)
         self._by_fd.clear()
         os.close(self._wake_r)
-        os.close(self._wake_w)
+        weakref.finalize(self, os.close, self._wake_w)
 
 
 def reap(pid: int) -> Exit:

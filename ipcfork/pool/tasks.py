@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import queue
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
@@ -14,8 +15,8 @@ from typing import Any
 from ..errors import ChildCrashedError, RemoteTraceback, TaskTimeoutError
 from .reaper import Exit
 
-__all__ = ["Running", "TaskFuture", "TaskRecord", "Work", "apply_chunk", "chunks", "drop", "kill",
-           "task_failure"]
+__all__ = ["StreamTask", "TaskFuture", "TaskRecord", "Work", "apply_chunk", "chunks", "drop",
+           "kill", "task_failure"]
 
 
 @dataclass
@@ -42,28 +43,63 @@ class TaskFuture(Future[Any]):
         self.record = TaskRecord(task_id)
 
 
+class StreamTask:
+    """A task of a stream (``imap_unordered``): the few Future methods the manager calls,
+    without a condition variable or callbacks; its ending goes straight to the stream's
+    queue as ``(task, ok, value)``.  Only the manager thread resolves it; the stream's own
+    thread only cancels it, when the stream is closed early."""
+
+    __slots__ = ("_sink", "_state", "record")
+
+    def __init__(self, task_id: int, sink: queue.SimpleQueue[tuple[StreamTask, bool, Any]]
+                 ) -> None:
+        self.record = TaskRecord(task_id)
+        self._sink = sink
+        self._state = "pending"
+
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def done(self) -> bool:
+        return self._state in ("finished", "cancelled")
+
+    def set_running_or_notify_cancel(self) -> bool:
+        if self._state == "cancelled":
+            return False
+        self._state = "running"
+        return True
+
+    def cancel(self) -> bool:
+        # A cancel racing the manager's start may lose; its ending then lands in a queue
+        # nobody reads any more, which is all a closed stream needs.
+        if self._state == "pending":
+            self._state = "cancelled"
+            self.record.outcome = "cancelled"
+            # The stream learns of it as of any ending (a pool stopped under it).
+            self._sink.put((self, False, CancelledError("the task was cancelled")))
+            return True
+        return self._state == "cancelled"
+
+    def cancelled(self) -> bool:
+        return self._state == "cancelled"
+
+    def set_result(self, value: Any) -> None:
+        self._state = "finished"
+        self._sink.put((self, True, value))
+
+    def set_exception(self, error: BaseException) -> None:
+        self._state = "finished"
+        self._sink.put((self, False, error))
+
+
 @dataclass
 class Work:
-    """One submitted call and its future."""
+    """One submitted call and its future (a TaskFuture, or a StreamTask)."""
 
-    future: TaskFuture
+    future: TaskFuture | StreamTask
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-
-
-@dataclass
-class Running:
-    """A task whose child runs now (fork-per-task and zygote modes)."""
-
-    work: Work
-    pid: int  # 0 until a zygote reports the child it forked
-    slot: int
-    spill: str
-    started: float
-    deadline: float | None
-    terminated_at: float | None = None
-    timed_out: bool = False
 
 
 def task_failure(work: Work, exited: Exit | None, outcome: tuple[int, Any] | None,

@@ -1,91 +1,152 @@
-"""ForkPool's persistent-worker mode (``tasks_per_child=None`` or ``N``), as a mixin.
+"""Persistent workers (``tasks_per_child=None`` or ``N``): the parent's side.
 
-The wire protocol and the worker's loop live in ``_workers``; this is the parent's side:
-choosing a worker, forking one, sending a task, reading completion notices, and settling
-what a dying worker leaves behind (its running task fails, its queued ones run elsewhere).
+The wire protocol and the worker's own loop live in ``worker_loop``.  Here: choosing a
+worker, forking one, sending it tasks (up to ``DEPTH`` queued, so it never waits for the
+parent between two), reading its completion notices, and what a dying worker leaves behind:
+its running task ended (its outcome is read like any other), its queued ones never started
+and go back to the front of the queue.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
-import time
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from .._os.translate import fork_error
-from .core import PoolCore
+from .dispatcher import Dispatcher, Process, Run
+from .manager import Manager
 from .reaper import Exit
-from .tasks import Work
-from .transfer import discard_outcome, outcome_name
-from .worker_loop import DEPTH, InFlight, Worker, encode_task, run_worker
+from .tasks import Work, kill
+from .worker_loop import DEPTH, encode_task, flush_outbox, run_worker
 
-__all__ = ["WorkerDispatch"]
+__all__ = ["PersistentWorkers", "Worker"]
+
+_U32 = struct.Struct("<I")
 
 
-class WorkerDispatch(PoolCore):
-    """The persistent-worker half of ForkPool."""
+@dataclass(eq=False)
+class Worker(Process):
+    """The parent's view of one persistent worker."""
 
-    _workers: dict[int, Worker]
-    _worker_by_fd: dict[int, Worker]
+    task_w: int = -1
+    done_r: int = -1
+    slots: list[int] = field(default_factory=list)  # its free arena slots
+    sent: int = 0
+    inflight: collections.deque[Run] = field(default_factory=collections.deque)
+    pending_bytes: bytes = b""
+    outbox: bytearray = field(default_factory=bytearray)
+    closed: bool = False
+
+    def running_task(self) -> Run | None:
+        return self.inflight[0] if self.inflight else None
+
+    def queue(self, message: bytes) -> None:
+        """Add one task to the outbox; :meth:`flush` writes it."""
+        self.outbox += _U32.pack(len(message))
+        self.outbox += message
+
+    def flush(self) -> bool:
+        """Write queued bytes without blocking; True if some are left.  A worker that is
+        gone drops them (its exit settles its tasks)."""
+        return flush_outbox(self.task_w, self.outbox)
+
+    def read_notices(self) -> list[int]:
+        """The slots whose outcomes completed, from what the done pipe holds now."""
+        chunks = [self.pending_bytes]
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.done_r, 1 << 16):
+                chunks.append(chunk)
+        data = b"".join(chunks)
+        whole = len(data) - len(data) % _U32.size
+        self.pending_bytes = data[whole:]
+        return [slot for (slot,) in _U32.iter_unpack(data[:whole])]
+
+    def stop(self) -> None:
+        """Close the task pipe: the worker ends after its current tasks (EOF)."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.task_w)
+
+    def close(self) -> None:
+        self.stop()
+        os.close(self.done_r)
+
+
+class PersistentWorkers(Dispatcher):
+    """The dispatcher of persistent-worker mode."""
+
+    def __init__(self, manager: Manager) -> None:
+        super().__init__(manager)
+        self.workers: dict[int, Worker] = {}
+        self.by_fd: dict[int, Worker] = {}
 
     def _has_room(self, worker: Worker) -> bool:
+        limit = self.manager.options.tasks_per_child
         return (not worker.closed and worker.terminated_at is None
-                and len(worker.inflight) < DEPTH
-                and (self.tasks_per_child is None or worker.sent < self.tasks_per_child))
+                and len(worker.inflight) < DEPTH and (limit is None or worker.sent < limit))
 
-    def _dispatch_to_workers(self) -> None:
+    def start_work(self) -> None:
+        manager = self.manager
         touched: dict[int, Worker] = {}
         try:
-            while True:
-                # Unlocked peek: a stale answer is corrected under the lock below, and work
-                # submitted after it sets _new_work, which brings the manager back at once.
-                if not self._pending or self._abort_signal is not None:
-                    return
-                worker = self._pick_worker()
+            # Unlocked peek: a stale answer is corrected by next_startable, and work
+            # submitted after it wakes the manager at once.
+            while manager.pending and manager.abort_signal is None:
+                try:
+                    worker = self._pick_worker()
+                except OSError as exc:  # no worker exists and none could be forked
+                    failed = manager.next_startable(0)
+                    if failed is None:
+                        return
+                    # Nobody could ever run it: it fails, the pool lives, the next one
+                    # tries again.
+                    manager.fail_before_start(failed, fork_error(exc))
+                    continue
                 if worker is None:
                     return
-                with self._lock:
-                    if not self._pending:
-                        return
-                    work = self._pending.popleft()
-                if not (work.future.running()
-                        or work.future.set_running_or_notify_cancel()):
-                    work.future.record.outcome = "cancelled"
-                    continue
+                work = manager.next_startable(0)
+                if work is None:
+                    return
                 if self._send(worker, work):
                     touched[worker.pid] = worker
         finally:
             # One write per worker per round, however many tasks it was given.
             for worker in touched.values():
                 if worker.flush():
-                    self._watch.add_writer(worker.task_w)  # the rest when the pipe drains
+                    manager.watch.add_writer(worker.task_w)  # the rest when it drains
 
     def _pick_worker(self) -> Worker | None:
         """An idle worker, else a new one while below max_workers (and the load allows),
-        else the least busy worker with room; None when all are full."""
+        else the least busy worker with room; None when all are full.  Raises OSError
+        when no worker exists and none could be forked."""
         least_busy: Worker | None = None
-        for worker in self._workers.values():
+        for worker in self.workers.values():
             if self._has_room(worker):
                 if not worker.inflight:
                     return worker
                 if least_busy is None or len(worker.inflight) < len(least_busy.inflight):
                     least_busy = worker
-        if len(self._workers) < self.max_workers and (
-                not self._workers or self._load_allows_fork()):
+        manager = self.manager
+        if len(self.workers) < manager.options.max_workers and (
+                not self.workers or manager.load_allows_fork()):
             try:
                 return self._fork_worker()
-            except OSError as exc:  # out of processes or memory
-                if not self._workers:  # nobody could ever run the queue: fail its head
-                    with self._lock:
-                        work = self._pending.popleft() if self._pending else None
-                    if work is not None and work.future.set_running_or_notify_cancel():
-                        work.future.set_exception(fork_error(exc))
-                return None
+            except OSError:  # out of processes or memory: the workers we have will do
+                if not self.workers:
+                    raise
         return least_busy
 
     def _fork_worker(self) -> Worker:
-        self._warn_about_threads()
+        manager = self.manager
+        options = manager.options
+        manager.before_fork()
         task_r, task_w = os.pipe2(os.O_CLOEXEC)
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
-        others = [fd for w in self._workers.values() for fd in (w.task_w, w.done_r)
+        others = [fd for w in self.workers.values() for fd in (w.task_w, w.done_r)
                   if not w.closed]
         try:
             pid = os.fork()
@@ -93,101 +154,113 @@ class WorkerDispatch(PoolCore):
             for fd in (task_r, task_w, done_r, done_w):
                 os.close(fd)
             raise
-        slots = [self._free_slots.pop() for _ in range(DEPTH)] if pid else []
         if pid == 0:  # the worker: never returns
             os.close(task_w)
             os.close(done_r)
-            run_worker(self._parent, task_r, done_w, self._arena, self.tasks_per_child,
-                       self._initializer, self._initargs, others, self._child_setup)
+            run_worker(manager.parent, task_r, done_w, manager.arena, options.tasks_per_child,
+                       options.initializer, options.initargs, others, manager.child_setup)
         os.close(task_r)
         os.close(done_w)
         os.set_blocking(done_r, False)
         os.set_blocking(task_w, False)  # a full pipe must never stall the manager
-        worker = Worker(pid, task_w, done_r, slots)
-        self._workers[pid] = worker
-        self._worker_by_fd[done_r] = worker
-        self._watch.add(pid)
-        self._watch.add_reader(done_r)
+        slots = [manager.free_slots.pop() for _ in range(DEPTH)]
+        worker = Worker(pid, task_w=task_w, done_r=done_r, slots=slots)
+        self.workers[pid] = worker
+        self.by_fd[done_r] = worker
+        manager.watch.add(pid)
+        manager.watch.add_reader(done_r)
         return worker
 
     def _send(self, worker: Worker, work: Work) -> bool:
         """Queue ``work`` on ``worker``; True if queued (the caller flushes the pipe)."""
-        record = work.future.record
-        record.attempts += 1
-        record.pid = worker.pid
-        slot = worker.slots.pop()
-        spill = outcome_name(self._parent, self._tag, record.task_id, record.attempts)
+        manager = self.manager
+        run = manager.new_run(work, worker.slots, worker.pid)
+        work.future.record.pid = worker.pid
         try:
-            message = encode_task(slot, spill, work.fn, work.args, work.kwargs)
+            message = encode_task(run.slot, run.spill, work.fn, work.args, work.kwargs)
         except Exception as exc:  # the call cannot be pickled: it fails here and now
-            worker.slots.append(slot)
-            record.outcome = "exception"
-            work.future.set_exception(exc)
+            worker.slots.append(run.slot)
+            manager.fail_before_start(work, exc)
             return False
-        self._arena.prepare(slot)
-        flight = InFlight(work, slot, spill)
         if not worker.inflight:
-            self._start_clock(flight)
-        worker.inflight.append(flight)
+            manager.start_clock(run)
+        worker.inflight.append(run)
         worker.sent += 1
         worker.queue(message)
         return True
 
-    def _start_clock(self, flight: InFlight) -> None:
-        flight.started = time.monotonic()
-        if self.timeout is not None:
-            flight.deadline = flight.started + self.timeout
+    def on_events(self, readable: list[int], writable: list[int], exits: list[Exit]) -> None:
+        for fd in readable:
+            worker = self.by_fd.get(fd)
+            if worker is not None:
+                self._on_notices(worker)
+        for fd in writable:
+            self._flush(fd)
+        for exited in exits:
+            self._on_exit(exited)
 
     def _on_notices(self, worker: Worker) -> None:
+        manager = self.manager
         for slot in worker.read_notices():
-            flight = worker.inflight.popleft()
-            if flight.slot != slot:  # pragma: no cover - a protocol bug, never silent
+            run = worker.inflight.popleft()
+            if run.slot != slot:  # pragma: no cover - a protocol bug, never silent
                 raise RuntimeError(f"worker {worker.pid} completed slot {slot}, "
-                                   f"expected {flight.slot}")
-            outcome, load_error = self._read_slot(slot, flight.spill)
-            worker.slots.append(slot)
-            record = flight.work.future.record
-            record.wall_time = time.monotonic() - (flight.started or time.monotonic())
+                                   f"expected {run.slot}")
             if worker.inflight:
-                self._start_clock(worker.inflight[0])
-            self._settle(flight.work, outcome, load_error, exited=None, timed_out=False)
+                manager.start_clock(worker.inflight[0])
+            manager.finish(run, None)
 
-    def _flush_worker(self, fd: int) -> None:
+    def _flush(self, fd: int) -> None:
         """The task pipe ``fd`` can take more: write what its worker still has queued."""
-        for worker in self._workers.values():
+        for worker in self.workers.values():
             if worker.task_w == fd and not worker.closed:
                 if not worker.flush():
-                    self._watch.remove_writer(fd)
+                    self.manager.watch.remove_writer(fd)
                 return
-        self._watch.remove_writer(fd)
+        self.manager.watch.remove_writer(fd)
 
-    def _on_worker_exit(self, exited: Exit) -> None:
-        worker = self._workers.pop(exited.pid)
+    def _on_exit(self, exited: Exit) -> None:
+        manager = self.manager
+        worker = self.workers.pop(exited.pid)
         self._on_notices(worker)  # what it finished before dying counts
-        self._watch.remove_writer(worker.task_w)
-        self._watch.remove_reader(worker.done_r)
-        del self._worker_by_fd[worker.done_r]
-        flights = list(worker.inflight)
-        self._free_slots.extend(worker.slots + [f.slot for f in flights])
+        manager.watch.remove_writer(worker.task_w)
+        manager.watch.remove_reader(worker.done_r)
+        del self.by_fd[worker.done_r]
         worker.close()
-        if not flights:
-            return
-        head: InFlight | None = flights[0]
-        queued = flights[1:]
-        if worker.timed_out is not None and head is not worker.timed_out:
+        runs = list(worker.inflight)
+        worker.inflight.clear()
+        queued = runs[1:]
+        head: Run | None = runs[0] if runs else None
+        if (head is not None and worker.terminated_at is not None and not head.timed_out
+                and manager.abort_signal is None):
             # The task that timed out finished just before the kill landed: the one now at
             # the head was killed for nothing, so it runs again like the queued ones.
-            head, queued = None, flights
-        with self._lock:
-            for flight in reversed(queued):  # never started: back to the front, in order
-                discard_outcome(flight.spill)
-                flight.work.future.record.attempts -= 1
-                self._pending.appendleft(flight.work)
-        if head is None:
-            return
-        record = head.work.future.record
-        record.exitcode, record.signal = exited.exitcode, exited.signal
-        record.wall_time = time.monotonic() - (head.started or time.monotonic())
-        discard_outcome(head.spill)
-        self._settle(head.work, None, None, exited=exited,
-                     timed_out=worker.timed_out is head)
+            head, queued = None, runs
+        for run in reversed(queued):  # never started: back to the front, in order
+            manager.requeue(run)
+        if head is not None:
+            # Its usage covers every task the worker ran: not this task's own.
+            manager.finish(head, Exit(exited.pid, exited.exitcode, exited.signal, 0, 0.0, 0.0))
+        manager.free_slots.extend(worker.slots)
+
+    def processes(self) -> Iterable[Process]:
+        return list(self.workers.values())
+
+    def signal(self, process: Process, signum: int) -> None:
+        kill(process.pid, signum)
+
+    def pids(self) -> list[int]:
+        return list(self.workers)
+
+    def in_flight(self) -> list[Run]:
+        return [run for worker in self.workers.values() for run in worker.inflight]
+
+    def wind_down(self) -> bool:
+        for worker in self.workers.values():
+            if not worker.inflight:
+                worker.stop()  # EOF on its task pipe: it exits
+        return not self.workers
+
+    def close(self) -> None:
+        for worker in self.workers.values():  # only when the constructor failed midway
+            worker.close()

@@ -1,12 +1,13 @@
-"""ForkPool's zygote mode (``zygote=True``), as a mixin: the parent's side of ``_zygote``.
+"""Zygote mode (``zygote=True``): the parent's side of ``zygote_loop``.
 
-The zygote is forked when the pool is made.  The parent sends it each task (pickled), learns
-the pid of the child it forked and, once that child has exited and the zygote has reaped it,
-its exit status and resource usage; the outcome itself is in the pool's arena as in plain
-fork-per-task mode.  Timeouts and stops go through the zygote too (it signals only children
-it has not reaped yet, so a recycled pid is never hit).  If the zygote dies, its children die
-with it (parent-death signal); their tasks fail as crashes and a new zygote is forked from
-the parent for the work that remains.
+The zygote is forked when the pool is made.  The parent sends it each task (pickled) and
+learns the pid of the child it forked and, once the zygote has reaped that child, its exit
+status and resource usage; the outcome itself is in the pool's arena as in fork-per-task
+mode.  Timeouts and stops go through the zygote too (it signals only children it has not
+reaped yet, so a recycled pid is never hit).  A fork the zygote could not make while none of
+its children ran comes back as a failure of that task.  If the zygote dies, its children die
+with it (parent-death signal); their tasks end as crashes and a new zygote is forked from the
+parent for the work that remains.
 """
 
 from __future__ import annotations
@@ -14,150 +15,170 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
+from collections.abc import Iterable
 
-from .core import PoolCore
+from .._os.translate import fork_error
+from .dispatcher import Dispatcher, Process, Run
+from .manager import Manager
 from .reaper import Exit
-from .tasks import Running, Work
-from .transfer import outcome_name
+from .tasks import Work
 from .worker_loop import encode_task, flush_outbox
 from .zygote_loop import kill_command, parse_events, run_zygote, task_command
 
-__all__ = ["ZygoteDispatch"]
+__all__ = ["Zygote"]
 
 
-class ZygoteDispatch(PoolCore):
-    """The zygote half of ForkPool."""
+class Zygote(Dispatcher):
+    """The dispatcher of zygote mode; forks the zygote at once (from the constructor's
+    thread, before this process grows threads or a large heap)."""
 
-    _zygote_pid: int | None
-    _zygote_cmd: int
-    _zygote_events: int
-    _zygote_rest: bytes
-    _zygote_outbox: bytearray
-    _zruns: dict[int, Running]
+    def __init__(self, manager: Manager) -> None:
+        super().__init__(manager)
+        self.pid: int | None = None
+        self.commands = self.events = -1
+        self.rest = b""
+        self.outbox = bytearray()
+        self.runs: dict[int, Run] = {}  # by slot
+        self._start_zygote()
 
     def _start_zygote(self) -> None:
-        """Fork the zygote now, from the calling thread."""
+        manager = self.manager
+        options = manager.options
+        manager.before_fork()
         cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
         event_r, event_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # the zygote: never returns
             os.close(cmd_w)
             os.close(event_r)
-            run_zygote(self._parent, cmd_r, event_w, self._arena, self._initializer,
-                       self._initargs, self._child_setup)
+            run_zygote(manager.parent, cmd_r, event_w, manager.arena, options.initializer,
+                       options.initargs, manager.child_setup)
         os.close(cmd_r)
         os.close(event_w)
         os.set_blocking(event_r, False)
         os.set_blocking(cmd_w, False)  # a full pipe must never stall the manager
-        self._zygote_outbox = bytearray()
-        self._zygote_pid, self._zygote_cmd, self._zygote_events = pid, cmd_w, event_r
-        self._zygote_rest = b""
-        self._watch.add(pid)
-        self._watch.add_reader(event_r)
+        self.outbox = bytearray()
+        self.pid, self.commands, self.events, self.rest = pid, cmd_w, event_r, b""
+        manager.watch.add(pid)
+        manager.watch.add_reader(event_r)
 
-    def _zygote_dispatch(self) -> None:
-        while (work := self._next_startable(len(self._zruns))) is not None:
-            if self._zygote_pid is None:
+    def start_work(self) -> None:
+        manager = self.manager
+        while (work := manager.next_startable(len(self.runs))) is not None:
+            if self.pid is None:
                 self._start_zygote()  # the previous one died: fork a new one from here
-            self._zygote_send(work)
+            self._send(work)
 
-    def _zygote_send(self, work: Work) -> None:
-        record = work.future.record
-        record.attempts += 1
-        slot = self._free_slots.pop()
-        spill = outcome_name(self._parent, self._tag, record.task_id, record.attempts)
+    def _send(self, work: Work) -> None:
+        manager = self.manager
+        run = manager.new_run(work, manager.free_slots)
         try:
-            message = task_command(encode_task(slot, spill, work.fn, work.args, work.kwargs))
+            message = task_command(encode_task(run.slot, run.spill, work.fn, work.args,
+                                               work.kwargs))
         except Exception as exc:  # the call cannot be pickled: it fails here and now
-            self._free_slots.append(slot)
-            record.outcome = "exception"
-            work.future.set_exception(exc)
+            manager.free_slots.append(run.slot)
+            manager.fail_before_start(work, exc)
             return
-        self._arena.prepare(slot)
-        started = time.monotonic()
-        deadline = None if self.timeout is None else started + self.timeout
-        self._zruns[slot] = Running(work, 0, slot, spill, started, deadline)
-        self._zygote_write(message)
+        manager.start_clock(run)
+        self.runs[run.slot] = run
+        self._write(message)
 
-    def _zygote_write(self, frame: bytes) -> None:
+    def _write(self, frame: bytes) -> None:
         """Queue a frame for the zygote; what the pipe cannot take now goes when it drains
         (a dead zygote's exit settles its tasks)."""
-        if self._zygote_cmd < 0:
+        if self.commands < 0:
             return
-        self._zygote_outbox += frame
-        self._zygote_flush()
+        self.outbox += frame
+        self._flush()
 
-    def _zygote_flush(self) -> None:
-        if self._zygote_cmd < 0:
+    def _flush(self) -> None:
+        if self.commands < 0:
             return
-        if flush_outbox(self._zygote_cmd, self._zygote_outbox):
-            self._watch.add_writer(self._zygote_cmd)
+        if flush_outbox(self.commands, self.outbox):
+            self.manager.watch.add_writer(self.commands)
         else:
-            self._watch.remove_writer(self._zygote_cmd)
+            self.manager.watch.remove_writer(self.commands)
 
-    def _zygote_signal(self, run: Running, signum: int) -> None:
-        self._zygote_write(kill_command(run.slot, signum))
+    def on_events(self, readable: list[int], writable: list[int], exits: list[Exit]) -> None:
+        if self.events in readable:
+            self._read_events()
+        if self.commands in writable:
+            self._flush()
+        for exited in exits:
+            if exited.pid == self.pid:
+                self._on_zygote_exit()
 
-    def _on_zygote_events(self) -> None:
-        chunks = [self._zygote_rest]
+    def _read_events(self) -> None:
+        chunks = [self.rest]
         with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self._zygote_events, 1 << 16):
+            while chunk := os.read(self.events, 1 << 16):
                 chunks.append(chunk)
-        events, self._zygote_rest = parse_events(b"".join(chunks))
+        events, self.rest = parse_events(b"".join(chunks))
+        manager = self.manager
         for event in events:
-            run = self._zruns.get(event.slot)
+            run = self.runs.get(event.slot)
             if run is None:
                 continue
-            if event.exit is None:  # started
-                run.pid = run.work.future.record.pid = event.pid
+            if event.kind == "S":  # started
+                run.pid = run.work.future.record.pid = event.pid  # type: ignore[union-attr]
                 continue
-            del self._zruns[event.slot]
-            self._zygote_settle(run, event.exit)
+            del self.runs[event.slot]
+            if event.kind == "F":  # the zygote could not fork and had no child to wait for
+                manager.free_slots.append(run.slot)
+                error = OSError(event.pid, os.strerror(event.pid))  # pid carries the errno
+                manager.fail_before_start(run.work, fork_error(error))  # type: ignore[arg-type]
+                continue
+            manager.finish(run, event.exit)
 
-    def _zygote_settle(self, run: Running, ended: Exit) -> None:
-        record = run.work.future.record
-        record.pid = ended.pid
-        record.exitcode, record.signal = ended.exitcode, ended.signal
-        record.wall_time = time.monotonic() - run.started
-        record.maxrss_kib, record.utime, record.stime = ended.maxrss_kib, ended.utime, \
-            ended.stime
-        outcome, load_error = self._read_slot(run.slot, run.spill)
-        self._free_slots.append(run.slot)
-        self._settle(run.work, outcome, load_error, exited=ended, timed_out=run.timed_out)
-
-    def _on_zygote_exit(self, exited: Exit) -> None:
-        """The zygote ended: its children went with it; their tasks failed as crashes."""
-        self._on_zygote_events()
-        self._watch.remove_reader(self._zygote_events)
-        os.close(self._zygote_events)
-        self._close_zygote_commands()
-        self._zygote_pid = None
-        runs, self._zruns = list(self._zruns.values()), {}
+    def _on_zygote_exit(self) -> None:
+        """The zygote ended: its children went with it; their tasks ended as crashes."""
+        self._read_events()
+        manager = self.manager
+        manager.watch.remove_reader(self.events)
+        os.close(self.events)
+        self.events = -1
+        self._close_commands()
+        zygote, self.pid = self.pid or 0, None
+        runs, self.runs = list(self.runs.values()), {}
         for run in runs:
-            gone = Exit(run.pid or exited.pid, None, signal.SIGKILL, 0, 0.0, 0.0)
-            self._zygote_settle(run, gone)
+            manager.finish(run, Exit(run.pid or zygote, None, signal.SIGKILL, 0, 0.0, 0.0))
 
-    def _zygote_timeouts(self, now: float) -> None:
-        for run in self._zruns.values():
-            if run.terminated_at is not None:
-                if now >= run.terminated_at + self.grace:
-                    self._zygote_signal(run, signal.SIGKILL)
-            elif run.deadline is not None and now >= run.deadline:
-                run.terminated_at = now
-                run.timed_out = True
-                self._zygote_signal(run, signal.SIGTERM)
+    def _close_commands(self) -> None:
+        if self.commands >= 0:
+            flush_outbox(self.commands, self.outbox)  # best effort, no waiting
+            self.outbox.clear()
+            self.manager.watch.remove_writer(self.commands)
+            os.close(self.commands)
+            self.commands = -1
 
-    def _zygote_finish(self) -> bool:
-        """With nothing left to run: close the command pipe (the zygote then exits);
-        True once it has."""
-        if self._zygote_pid is not None and not self._zruns and not self._zygote_outbox:
-            self._close_zygote_commands()
-        return self._zygote_pid is None
+    def processes(self) -> Iterable[Process]:
+        return list(self.runs.values())
 
-    def _close_zygote_commands(self) -> None:
-        if self._zygote_cmd >= 0:
-            flush_outbox(self._zygote_cmd, self._zygote_outbox)  # best effort, no waiting
-            self._watch.remove_writer(self._zygote_cmd)
-            os.close(self._zygote_cmd)
-            self._zygote_cmd = -1
+    def signal(self, process: Process, signum: int) -> None:
+        assert isinstance(process, Run)
+        self._write(kill_command(process.slot, signum))
+
+    def pids(self) -> list[int]:
+        return [] if self.pid is None else [self.pid]
+
+    def in_flight(self) -> list[Run]:
+        return list(self.runs.values())
+
+    def wind_down(self) -> bool:
+        """With nothing left to run: close the command pipe (the zygote then exits); True
+        once it has."""
+        if self.pid is not None and not self.runs and not self.outbox:
+            self._close_commands()
+        return self.pid is None
+
+    def stop_accepting(self) -> None:
+        self._close_commands()  # the zygote exits once its children are reaped
+
+    def close(self) -> None:
+        """Only when the pool's constructor failed after the zygote was forked."""
+        self._close_commands()
+        if self.pid is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = None
+

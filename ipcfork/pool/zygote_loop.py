@@ -14,6 +14,8 @@ Wire (both directions framed, little-endian):
                        b"K": u32 slot, u32 signal        (signal the task in that slot)
     zygote -> parent:  EVENT records of fixed size (atomic pipe writes):
                        b"S" slot, pid                    (the task's child was forked)
+                       b"F" slot, errno                  (its fork failed: no child of the
+                                                         zygote ran to wait for)
                        b"E" slot, pid, exit code, signal, max RSS, user and system CPU
 
 Closing the command pipe tells the zygote to finish: it waits for its children, reports
@@ -23,7 +25,9 @@ against the parent, so a dying parent takes the whole tree along.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import os
 import select
 import struct
@@ -110,17 +114,21 @@ class _Zygote:
         self.children: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, slot)
         self.by_slot: dict[int, int] = {}
         self.buffer = bytearray()
+        self.deferred: collections.deque[bytes] = collections.deque()  # refused forks
         self.me = os.getpid()
 
     def serve(self) -> None:
         open_commands = True
-        while open_commands or self.children:
+        while open_commands or self.children or self.deferred:
             for fd, _ in self.poll.poll():
                 if fd == self.cmd_r:
                     data = os.read(self.cmd_r, 1 << 16)
                     if not data:
                         open_commands = False
                         self.poll.unregister(fd)
+                        # The parent closes early only when it stops the pool: a task
+                        # still waiting for its fork must not start now.
+                        self.deferred.clear()
                     self.buffer += data
                     self._commands()
                 else:
@@ -142,11 +150,22 @@ class _Zygote:
                 if pid is not None:  # not yet reaped by us, so the pid is still this child
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signum)
-            else:
-                self._fork(body)
+                else:
+                    self._drop_deferred(slot, signum)
+            elif self.deferred or not self._fork(body):
+                self.deferred.append(body)  # behind the tasks already waiting for a fork
         del buffer[:at]
 
-    def _fork(self, message: bytes) -> None:
+    def _drop_deferred(self, slot: int, signum: int) -> None:
+        """A signal for a task still waiting for its fork: it never runs; report it ended
+        by that signal (pid 0: it had no process)."""
+        for message in list(self.deferred):
+            if _U32.unpack_from(message, 0)[0] == slot:
+                self.deferred.remove(message)
+                os.write(self.event_w, EVENT.pack(b"E", slot, 0, -1, signum, 0, 0.0, 0.0))
+
+    def _fork(self, message: bytes) -> bool:
+        """Fork the child of one task message; False if the fork was refused."""
         (slot,) = _U32.unpack_from(message, 0)
         (length,) = _U32.unpack_from(message, 4)
         spill = message[8:8 + length].decode()
@@ -156,7 +175,16 @@ class _Zygote:
         def write(kind: int, payload: Any) -> None:
             arena.write(slot, kind, payload, spill)
 
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ENOMEM) and self.children:
+                # Out of processes or memory for now: one of our children will end and
+                # free what we need; the task waits at the front until then.
+                return False
+            # Nothing of ours to wait for: the task fails, the zygote lives on.
+            os.write(self.event_w, EVENT.pack(b"F", slot, exc.errno or 0, 0, 0, 0, 0.0, 0.0))
+            return True  # handled: reported to the parent
         if pid == 0:
             run_task_in_child(self.me, write, call_pickled, (call,), {}, self.initializer,
                               self.initargs, self.setup)
@@ -165,6 +193,7 @@ class _Zygote:
         self.by_slot[slot] = pid
         self.poll.register(fd, select.POLLIN)
         os.write(self.event_w, EVENT.pack(b"S", slot, pid, 0, 0, 0, 0.0, 0.0))
+        return True
 
     def _ended(self, fd: int) -> None:
         pid, slot = self.children.pop(fd)
@@ -175,3 +204,6 @@ class _Zygote:
         code = -1 if ended.exitcode is None else ended.exitcode
         os.write(self.event_w, EVENT.pack(b"E", slot, pid, code, ended.signal or 0,
                                           ended.maxrss_kib, ended.utime, ended.stime))
+        # A child ended, so a refused fork may succeed now: retry those waiting, in order.
+        while self.deferred and self._fork(self.deferred[0]):
+            self.deferred.popleft()
