@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import time
+from typing import Any
 
 import pytest
 from test_pool import behave
@@ -139,3 +140,73 @@ def test_calls_are_cached_by_function_and_shared_objects_stay_shared() -> None:
         assert pool.submit(data.count, 1).result(timeout=30) == 1
         data.append(1)
         assert pool.submit(data.count, 1).result(timeout=30) == 2
+
+
+@pytest.mark.parametrize("kind", ["range", "list", "tuple", "iterator"])
+def test_map_chunks_ranges_lists_tuples_and_generators_alike(kind: str) -> None:
+    items = {"range": range, "list": list, "tuple": tuple, "iterator": iter}[kind](
+        range(1000)) if kind != "range" else range(1000)
+    with ForkPool(2, tasks_per_child=None) as pool:
+        assert list(pool.map(square, items, chunksize=7)) == [x * x for x in range(1000)]
+
+
+def _batch_sizes(fn: Any, items: Any) -> tuple[list[int], list[Any]]:
+    """Run a real stream on a persistent pool, noting how many items each task carried."""
+    from ipcfork.pool.streaming import stream_unordered
+    from ipcfork.pool.tasks import apply_chunk
+
+    sizes: list[int] = []
+    with ForkPool(2, tasks_per_child=None) as pool:
+        def start(sink: Any, task_fn: Any, *args: Any) -> Any:
+            sizes.append(len(args[1]) if task_fn is apply_chunk else 1)
+            return pool._manager.stream_task(sink, task_fn, *args)
+
+        results = list(stream_unordered(start, fn, items, in_flight=None, depth=32,
+                                        chunksize=None))
+    return sizes, results
+
+
+def test_short_items_travel_in_growing_batches() -> None:
+    sizes, results = _batch_sizes(abs, range(-20_000, 0))
+    assert sorted(results) == list(range(1, 20_001))
+    assert sizes[0] == 1  # nothing is known about the items yet
+    assert sum(sizes) == 20_000
+    assert max(sizes) >= 64  # microsecond items: batches grew
+    assert len(sizes) < 2_000  # instead of 20,000 round trips
+
+
+def test_slow_items_still_travel_alone() -> None:
+    sizes, results = _batch_sizes(_sleepy_identity, range(12))
+    assert sorted(results) == list(range(12))
+    assert sizes[0] == 1 and max(sizes) <= 2  # 5 ms items: no batch beyond the first growth
+
+
+def _sleepy_identity(i: int) -> int:
+    time.sleep(0.005)
+    return i
+
+
+def test_imap_unordered_chunksize_one_sends_each_item_alone_and_checks_its_argument() -> None:
+    with ForkPool(2, tasks_per_child=None) as pool:
+        assert sorted(pool.imap_unordered(abs, range(-50, 0), chunksize=1)) == list(
+            range(1, 51))
+        assert sorted(pool.imap_unordered(abs, range(-50, 0), chunksize=8)) == list(
+            range(1, 51))
+        with pytest.raises(ipcfork.InvalidArgumentError, match="chunksize"):
+            pool.imap_unordered(abs, [1], chunksize=0)
+        with pytest.raises(ipcfork.InvalidArgumentError, match="not callable"):
+            pool.imap_unordered(42, [1])  # type: ignore[arg-type]
+
+
+def test_a_failing_item_in_a_batch_raises_and_the_stream_cancels_the_rest() -> None:
+    with ForkPool(2, tasks_per_child=None) as pool:
+        stream = pool.imap_unordered(_fails_at_500, range(5_000))
+        with pytest.raises(ValueError, match="item 500"):
+            list(stream)
+        assert sorted(pool.imap_unordered(abs, range(-5, 0))) == [1, 2, 3, 4, 5]  # lives on
+
+
+def _fails_at_500(i: int) -> int:
+    if i == 500:
+        raise ValueError("item 500")
+    return i

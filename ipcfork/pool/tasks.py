@@ -7,7 +7,7 @@ import itertools
 import os
 import queue
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any
@@ -133,13 +133,20 @@ def task_failure(work: Work, exited: Exit | None, outcome: tuple[int, Any] | Non
                              signal=exited.signal)
 
 
-def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def chunks(items: Iterable[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``items`` in consecutive chunks of ``size``.  A ``range`` is cut into ranges (a few
+    bytes each to pickle, however many items), a list or tuple into slices (faster than
+    taking items one by one); anything else into lists, lazily."""
+    if isinstance(items, (range, list, tuple)):
+        for start in range(0, len(items), size):
+            yield items[start:start + size]
+        return
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
 
 
-def apply_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool = False) -> list[Any]:
+def apply_chunk(fn: Callable[..., Any], chunk: Iterable[Any], star: bool = False) -> list[Any]:
     """Run ``fn`` over a chunk of items, or of argument tuples with ``star`` (module level,
     so it pickles); ``map`` loops in C."""
     return list(itertools.starmap(fn, chunk) if star else map(fn, chunk))
