@@ -12,13 +12,15 @@ import textwrap
 import pytest
 
 _PIDS_ROOT = "/sys/fs/cgroup/pids"
+needs_pids_cgroup = pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT),
+                                       reason="no cgroup v1 pids controller")
 
-# Runs inside the limited cgroup: the main thread, the pool's manager thread and one child
-# fit under pids.max=3, so a second concurrent fork fails with EAGAIN.  The first child
-# stays alive until the cgroup has counted a refused fork, so the refusal is certain.
-_SCRIPT = textwrap.dedent("""
+# Every script below starts with this: it moves itself into the limited cgroup (its children
+# follow), and has a way to read how many forks the cgroup refused and to expect a refusal.
+_PREAMBLE = textwrap.dedent("""
     import os, sys
     import ipcfork
+    from ipcfork import testing
 
     cgroup = sys.argv[1]
     with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
@@ -28,11 +30,29 @@ _SCRIPT = textwrap.dedent("""
         with open(os.path.join(cgroup, "pids.events")) as events:
             return int(events.read().split()[1])
 
-    def first() -> int:
+    def first() -> int:  # holds its process until the cgroup has refused a fork
         while refusals() == 0:
             os.sched_yield()
         return -1
 
+    def set_limit(limit: int) -> None:
+        with open(os.path.join(cgroup, "pids.max"), "w") as pids_max:
+            pids_max.write(str(limit))
+
+    def refused(future) -> None:
+        try:
+            future.result(timeout=60)
+        except ipcfork.LimitExceededError as exc:
+            assert "out of processes" in str(exc) and exc.limit, exc
+        else:
+            raise AssertionError("a fork succeeded past pids.max")
+""")
+
+
+# Runs inside the limited cgroup: the main thread, the pool's manager thread and one child
+# fit under pids.max=3, so a second concurrent fork fails with EAGAIN.  The first child
+# stays alive until the cgroup has counted a refused fork, so the refusal is certain.
+_SCRIPT = textwrap.dedent("""
     with ipcfork.ForkPool(4) as pool:
         futures = [pool.submit(first)] + [pool.submit(abs, -i) for i in range(1, 8)]
         results = [f.result(timeout=60) for f in futures]
@@ -61,13 +81,13 @@ def _run_limited(limit: int, script: str) -> subprocess.CompletedProcess[str]:
     (empty again once the script and its children have exited)."""
     cgroup = _make_cgroup(limit)
     try:
-        return subprocess.run([sys.executable, "-c", script, cgroup], capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run([sys.executable, "-c", _PREAMBLE + script, cgroup],
+                              capture_output=True, text=True, timeout=120)
     finally:
         os.rmdir(cgroup)
 
 
-@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+@needs_pids_cgroup
 def test_refused_forks_wait_for_a_child_to_end_instead_of_failing_tasks() -> None:
     run = _run_limited(3, _SCRIPT)
     assert run.returncode == 0, run.stderr
@@ -77,24 +97,14 @@ def test_refused_forks_wait_for_a_child_to_end_instead_of_failing_tasks() -> Non
 # Under pids.max=2 the main thread and the manager thread use both: no child can be forked,
 # nothing of ours could free one, so each task fails at once, clearly, and the pool lives.
 _NO_ROOM = textwrap.dedent("""
-    import os, sys
-    import ipcfork
-
-    with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as procs:
-        procs.write(str(os.getpid()))
     with ipcfork.ForkPool(2) as pool:
         for _ in range(2):
-            try:
-                pool.submit(abs, -1).result(timeout=60)
-            except ipcfork.LimitExceededError as exc:
-                assert "out of processes" in str(exc) and exc.limit, exc
-            else:
-                raise AssertionError("a fork succeeded past pids.max")
+            refused(pool.submit(abs, -1))
     print("ok")
 """)
 
 
-@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+@needs_pids_cgroup
 def test_a_fork_refused_with_no_child_to_wait_for_fails_its_task_clearly() -> None:
     run = _run_limited(2, _NO_ROOM)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
@@ -104,22 +114,6 @@ def test_a_fork_refused_with_no_child_to_wait_for_fails_its_task_clearly() -> No
 # child fit, so the zygote's second fork is refused.  It must wait for its child to end and
 # fork again (the refusal once killed the zygote and failed every task as a crash).
 _ZYGOTE_WAITS = textwrap.dedent("""
-    import os, sys
-    import ipcfork
-
-    cgroup = sys.argv[1]
-    with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
-        procs.write(str(os.getpid()))
-
-    def refusals() -> int:
-        with open(os.path.join(cgroup, "pids.events")) as events:
-            return int(events.read().split()[1])
-
-    def first() -> int:
-        while refusals() == 0:
-            os.sched_yield()
-        return -1
-
     with ipcfork.ForkPool(2, zygote=True) as pool:
         futures = [pool.submit(first)] + [pool.submit(abs, -i) for i in range(1, 6)]
         results = [f.result(timeout=60) for f in futures]
@@ -128,7 +122,7 @@ _ZYGOTE_WAITS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+@needs_pids_cgroup
 def test_a_zygote_whose_fork_is_refused_waits_for_its_child_and_forks_again() -> None:
     run = _run_limited(4, _ZYGOTE_WAITS)
     assert run.returncode == 0, run.stderr
@@ -138,31 +132,18 @@ def test_a_zygote_whose_fork_is_refused_waits_for_its_child_and_forks_again() ->
 # Under pids.max=3 the zygote has no room for any child and no child to wait for: each task
 # fails clearly, and the zygote and the pool live on (a later task runs once room is made).
 _ZYGOTE_NO_ROOM = textwrap.dedent("""
-    import os, sys
-    import ipcfork
-    from ipcfork import testing
-
-    cgroup = sys.argv[1]
-    with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
-        procs.write(str(os.getpid()))
     with ipcfork.ForkPool(2, zygote=True) as pool:
         zygote = testing.children()
         for _ in range(2):
-            try:
-                pool.submit(abs, -1).result(timeout=60)
-            except ipcfork.LimitExceededError as exc:
-                assert "out of processes" in str(exc), exc
-            else:
-                raise AssertionError("a fork succeeded past pids.max")
+            refused(pool.submit(abs, -1))
         assert testing.children() == zygote  # the same zygote, alive
-        with open(os.path.join(cgroup, "pids.max"), "w") as pids_max:
-            pids_max.write("4")
+        set_limit(4)
         assert pool.submit(abs, -7).result(timeout=60) == 7
     print("ok")
 """)
 
 
-@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+@needs_pids_cgroup
 def test_a_zygote_with_no_child_to_wait_for_fails_the_task_and_lives() -> None:
     run = _run_limited(3, _ZYGOTE_NO_ROOM)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
@@ -173,36 +154,22 @@ def test_a_zygote_with_no_child_to_wait_for_fails_the_task_and_lives() -> None:
 # RUNNING already, must fail with the fork error; it once made the manager call
 # set_running_or_notify_cancel() on it, which raised and failed every future.
 _WORKER_RETRY_NO_ROOM = textwrap.dedent("""
-    import os, sys
-    import ipcfork
-
-    cgroup = sys.argv[1]
-    with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
-        procs.write(str(os.getpid()))
-
     def squeeze_and_die() -> None:
-        with open(os.path.join(cgroup, "pids.max"), "w") as pids_max:
-            pids_max.write("2")  # the main thread and the manager: no room for a worker
+        set_limit(2)  # the main thread and the manager: no room for a worker
         os._exit(1)
 
     with ipcfork.ForkPool(1, tasks_per_child=None, retries=1) as pool:
         future = pool.submit(squeeze_and_die)
-        try:
-            future.result(timeout=60)
-        except ipcfork.LimitExceededError as exc:
-            assert "out of processes" in str(exc), exc
-        else:
-            raise AssertionError("the retry ran past pids.max")
+        refused(future)
         # The first attempt ran (its worker exited 1); the retry never started.
         assert future.record.attempts == 1 and future.record.exitcode == 1, future.record
-        with open(os.path.join(cgroup, "pids.max"), "w") as pids_max:
-            pids_max.write("3")
+        set_limit(3)
         assert pool.submit(abs, -5).result(timeout=60) == 5  # the manager lives
     print("ok")
 """)
 
 
-@pytest.mark.skipif(not os.path.isdir(_PIDS_ROOT), reason="no cgroup v1 pids controller")
+@needs_pids_cgroup
 def test_a_retry_that_finds_no_worker_and_cannot_fork_fails_only_its_task() -> None:
     run = _run_limited(3, _WORKER_RETRY_NO_ROOM)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
