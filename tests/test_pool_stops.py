@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+import warnings
 from types import FrameType
 from typing import Any
 
@@ -123,3 +125,136 @@ def test_ctrl_c_at_any_line_of_the_first_submit_stops_the_pool_cleanly() -> None
         if not raised:
             break  # every line of submit has had its signal
     assert line > 5  # the loop did walk through submit
+
+
+MODES = [pytest.param({}, id="per-task"), pytest.param({"tasks_per_child": None},
+                                                         id="persistent"),
+         pytest.param({"zygote": True}, id="zygote")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fork_safety_warning_made_an_error_fails_one_task_not_the_pool(
+        mode: dict[str, Any]) -> None:
+    # The manager thread has no caller to raise to: an escaping warning once killed it
+    # and left the task it was forking for RUNNING for ever.
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name="busy-elsewhere")
+    other.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ipcfork.ForkSafetyWarning)
+            if mode.get("zygote"):  # the zygote is forked as the pool starts: it raises
+                with pytest.raises(ipcfork.ForkSafetyWarning, match="busy-elsewhere"):
+                    ipcfork.ForkPool(1, **mode)
+                return
+            with ipcfork.ForkPool(1, **mode) as pool:
+                with pytest.raises(ipcfork.ForkSafetyWarning, match="busy-elsewhere"):
+                    pool.submit(abs, -1).result(timeout=30)
+                assert pool.submit(abs, -2).result(timeout=30) == 2  # warned once: it runs
+    finally:
+        stop.set()
+        other.join()
+
+
+def _die_by(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_real_time_signal_names_itself_and_the_pool_lives(mode: dict[str, Any]) -> None:
+    signum = signal.SIGRTMIN + 6  # no name in signal.Signals: naming it once killed the manager
+    with ipcfork.ForkPool(1, **mode) as pool:
+        with pytest.raises(ipcfork.ChildCrashedError, match=r"SIGRTMIN\+6") as crash:
+            pool.submit(_die_by, signum).result(timeout=30)
+        assert crash.value.signal == signum
+        assert pool.submit(abs, -3).result(timeout=30) == 3
+
+
+def test_a_done_callback_raising_system_exit_leaves_every_other_future_resolved(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with ipcfork.ForkPool(2) as pool:
+        futures = [pool.submit(abs, -i) for i in range(8)]
+        futures[3].add_done_callback(lambda f: sys.exit(3))
+        assert [f.result(timeout=30) for f in futures] == list(range(8))
+        assert pool.submit(abs, -9).result(timeout=30) == 9
+    assert any("done-callback of task" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("mode", [{"tasks_per_child": None}, {"zygote": True}],
+                         ids=["persistent", "zygote"])
+def test_shutdown_does_not_wait_on_a_pipe_another_pool_inherited(mode: dict[str, Any]) -> None:
+    # Pool B's processes, forked later, hold copies of pool A's pipes: an EOF alone never
+    # reaches A's worker (or zygote), and A's shutdown once hung until B was shut down.
+    first = ipcfork.ForkPool(1, **mode)
+    assert first.submit(abs, -1).result(timeout=30) == 1  # its worker (or zygote) runs
+    second = ipcfork.ForkPool(1, **mode)
+    try:
+        assert second.submit(abs, -2).result(timeout=30) == 2
+        first.shutdown()  # bounded by the test's timeout: it once blocked here
+        assert second.submit(abs, -3).result(timeout=30) == 3
+    finally:
+        second.shutdown()
+        first.shutdown()
+
+
+def test_a_zygote_pool_made_in_a_thread_that_ends_keeps_its_zygote() -> None:
+    # PR_SET_PDEATHSIG fires when the *thread* that forked ends: the zygote is forked by
+    # the manager thread, which lives as long as the pool.
+    made: list[ipcfork.ForkPool] = []
+    maker = threading.Thread(target=lambda: made.append(ipcfork.ForkPool(1, zygote=True)))
+    maker.start()
+    maker.join()
+    (pool,) = made
+    try:
+        zygote = testing.children()
+        assert pool.submit(abs, -4).result(timeout=30) == 4
+        assert testing.children() == zygote  # the same zygote, alive after its maker ended
+    finally:
+        pool.shutdown()
+
+
+def test_a_pool_that_fails_to_start_releases_everything() -> None:
+    before = sorted(os.listdir("/proc/self/fd"))
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name="busy-elsewhere")
+    other.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ipcfork.ForkSafetyWarning)
+            with pytest.raises(ipcfork.ForkSafetyWarning):
+                ipcfork.ForkPool(1, zygote=True)
+    finally:
+        stop.set()
+        other.join()
+    assert sorted(os.listdir("/proc/self/fd")) == before  # the autouse check sees IPC
+
+
+@pytest.mark.parametrize("bad", ["2", float("nan"), float("inf"), True])
+def test_max_load_must_be_a_finite_number(bad: Any) -> None:
+    with pytest.raises(ipcfork.InvalidArgumentError, match="max_load"):
+        ipcfork.ForkPool(1, max_load=bad)
+
+
+_AT_EXIT = """
+import os, sys, ipcfork
+out = sys.argv[1]
+def touch(i):
+    open(os.path.join(out, str(i)), "w").close()
+pool = ipcfork.ForkPool(1, tasks_per_child=None if sys.argv[2] == "persistent" else 1)
+for i in range(4):
+    pool.submit(touch, i)
+if sys.argv[3] == "drop":
+    del pool          # dropped without a shutdown: its work still finishes at exit
+else:
+    pool.shutdown(wait=False)
+"""
+
+
+@pytest.mark.parametrize("how", ["drop", "no-wait"])
+@pytest.mark.parametrize("mode", ["per-task", "persistent"])
+def test_work_submitted_before_exit_is_finished_as_concurrent_futures_does(
+        tmp_path: Any, how: str, mode: str) -> None:
+    run = subprocess.run([sys.executable, "-c", _AT_EXIT, str(tmp_path), mode, how],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert sorted(os.listdir(tmp_path)) == ["0", "1", "2", "3"]

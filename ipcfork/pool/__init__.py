@@ -1,9 +1,10 @@
 """ForkPool: the seed's fork manager as a ``concurrent.futures.Executor``.
 
 Parts: ``executor`` (the public class), ``options`` (checked once), ``manager`` (the one
-manager thread: its loop, the outcome path, timeouts, stops), one dispatcher per mode
-(``per_task``, ``workers``, ``zygote``, behind ``dispatcher.Dispatcher``), and what they
-share: ``child`` (the child's side of a task), ``transfer`` (outcomes in shared memory),
+manager thread: its loop, the outcome path, stops), ``deadlines`` (timeouts), one
+dispatcher per mode (``per_task``, ``workers``, ``zygote``, behind
+``dispatcher.Dispatcher``), ``streaming`` (``imap_unordered``), and what they share:
+``child`` (the child's side of a task), ``transfer`` (outcomes in shared memory),
 ``reaper`` (pidfds and ``wait4``), ``signals``, ``logs``, ``forksafety``, ``progress``.
 
 Data flow, fork per task (``tasks_per_child=1``, the default)::

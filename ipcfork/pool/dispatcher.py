@@ -62,6 +62,10 @@ class Dispatcher:
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
 
+    def prepare(self) -> None:
+        """Fork what the mode needs before any task (the zygote); runs first thing in the
+        manager thread, and what it raises comes out of the pool's constructor."""
+
     def start_work(self) -> None:
         """Start as much queued work as the mode's capacity and the load guard allow."""
         raise NotImplementedError

@@ -12,7 +12,6 @@ import atexit
 import functools
 import itertools
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
@@ -22,7 +21,7 @@ from ..errors import InvalidArgumentError
 from . import signals
 from .dispatcher import Dispatcher
 from .forksafety import ForkSafety
-from .manager import Manager
+from .manager import RUNNING, Manager
 from .options import PoolOptions
 from .per_task import ForkPerTask
 from .progress import with_progress
@@ -111,8 +110,6 @@ class ForkPool(Executor):
         if options.handle_signals:
             signals.register(self)
             self._handles_signals = True
-        # Children must not outlive an interpreter that forgot to shut the pool down.
-        _LIVE_POOLS.add(self)
 
     # -- the options, read-only -------------------------------------------------------------
 
@@ -245,8 +242,6 @@ class ForkPool(Executor):
         if self._handles_signals:
             self._handles_signals = False
             signals.unregister(self)
-        if wait:
-            _LIVE_POOLS.discard(self)
 
     def abort(self, signum: int, *, kill_now: bool = False) -> None:
         """Stop at once (called from the signal handler): no new forks, children terminated
@@ -254,12 +249,11 @@ class ForkPool(Executor):
         self._manager.abort(signum, kill_now)
 
 
-_LIVE_POOLS: weakref.WeakSet[ForkPool] = weakref.WeakSet()
-
-
 @atexit.register
-def _shutdown_at_exit() -> None:
-    """Children must not outlive an interpreter that forgot to shut a pool down."""
-    for pool in list(_LIVE_POOLS):
-        if IDENTITY.pid == pool._manager.parent:
-            pool.shutdown(wait=True, cancel_futures=True)
+def _finish_at_exit() -> None:
+    """At exit, as ``concurrent.futures`` does: stop taking work, finish what was
+    submitted, reap every child (a pool the program dropped without shutting it down
+    too: its manager is held until its loop ends)."""
+    for manager in list(RUNNING):
+        if IDENTITY.pid == manager.parent:
+            manager.shutdown(wait=True, cancel_futures=False)

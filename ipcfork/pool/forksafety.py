@@ -294,22 +294,25 @@ class ForkSafety:
             "separate service), or pass fork_safety_checks=False",
             ForkSafetyWarning, stacklevel=_user_stacklevel())
 
-    def before_fork(self, own_fds: Collection[int] = ()) -> None:
+    def before_fork(self, own_fds: Collection[int] = (),
+                    idle_threads: Collection[threading.Thread] = ()) -> None:
         """Warn if other threads run, or if this process holds connections a child would
         inherit; call it just before each fork, with the descriptors the pool itself
-        opened (they are not reported).  The warnings name the pool's call site: they
-        are raised in its manager thread, where no user code is on the stack."""
+        opened (they are not reported) and the threads known to hold no lock now (the
+        one waiting in the pool's constructor while its manager forks the zygote).  The
+        warnings name the pool's call site: they are raised in its manager thread, where
+        no user code is on the stack."""
         if not self.enabled:
             return
-        self._check_threads()
+        self._check_threads(idle_threads)
         self._check_connections(own_fds)
 
-    def _check_threads(self) -> None:
+    def _check_threads(self, idle: Collection[threading.Thread] = ()) -> None:
         if self._warned_threads:
             return
         others = [t for t in threading.enumerate()
                   if t is not threading.current_thread() and t is not threading.main_thread()
-                  and not t.name.startswith("ipcfork-")]
+                  and not t.name.startswith("ipcfork-") and t not in idle]
         if others:
             self._warned_threads = True
             names = ", ".join(t.name for t in others[:5])

@@ -5,9 +5,8 @@ child ends, a descriptor of the mode is ready, a deadline falls due or a submit 
 then hands what happened to the dispatcher and enforces timeouts.  What follows an ending is
 the same in every mode and lives only here: :meth:`Manager.finish` reads the outcome and
 settles the future (result, the task's exception, a crash, a timeout, or another attempt).
-Timeouts are the same too: SIGTERM when a task's deadline passes, one SIGKILL ``grace``
-seconds later, and then nothing more but waiting for the exit (a child in uninterruptible
-sleep must not turn the loop into a busy one).
+Timeouts are the same too (``deadlines``): SIGTERM when a task's deadline passes, one
+SIGKILL ``grace`` seconds later, then nothing more but waiting for the exit.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import logging
 import os
 import queue
 import signal
@@ -25,7 +25,8 @@ from typing import Any
 
 from .._os.hugepages import HugepageReport, collapse_hugepages
 from .._os.identity import IDENTITY
-from .dispatcher import Dispatcher, Process, Run
+from .deadlines import enforce, next_deadline, terminate
+from .dispatcher import Dispatcher, Run
 from .forksafety import ForkSafety
 from .logs import LogChannel
 from .options import PoolOptions
@@ -35,6 +36,7 @@ from .transfer import EXCEPTION, OutcomeArena, discard_outcome, outcome_name
 
 __all__ = ["Manager"]
 
+_LOG = logging.getLogger("ipcfork.pool")
 _LOAD_RECHECK = 0.5  # seconds between load checks while forks are held back
 
 
@@ -43,6 +45,22 @@ class _ClosedWatch:
 
     def wake(self) -> None:
         pass
+
+
+def _resolve(future: TaskFuture | StreamTask, ok: bool, value: Any) -> None:
+    """Resolve ``future``.  Its done-callbacks are user code run right here, in the manager
+    thread: Future logs the Exceptions they raise; a BaseException (SystemExit, ...) is
+    logged the same way instead of ending the manager with other tasks unresolved."""
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except BaseException:
+        _LOG.exception("a done-callback of task %s raised", future.record.task_id)
+
+
+RUNNING: set[Manager] = set()  # managers whose loop runs, held strongly (see executor)
 
 
 class Manager:
@@ -67,6 +85,12 @@ class Manager:
         self._asleep = True  # a submit wakes the manager only when it sleeps
         self._new_work = False
         self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._creator: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self.handed_out: Work | None = None
+        self._cancelling = False  # shutdown is cancelling queued tasks: not finished yet
+        self._hugepages_tried = False
         self.hugepages_report: HugepageReport | None = None
         self.safety = ForkSafety(options.fork_safety_checks)
         self.watch: ChildWatch = ChildWatch()
@@ -87,8 +111,14 @@ class Manager:
     def start(self) -> None:
         """Start the manager thread (once, from the pool's constructor: a signal that stops
         the pool then always finds a running manager to wait for)."""
+        self._creator = threading.current_thread()
         self._thread = threading.Thread(target=self._loop, name="ipcfork-pool", daemon=True)
+        RUNNING.add(self)  # until the loop ends: a pool dropped unshut still finishes
         self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> TaskFuture:
@@ -125,10 +155,17 @@ class Manager:
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         """Refuse new work; optionally cancel what has not started; optionally wait."""
         self.shutdown_requested = True
-        pending = self.take_pending() if cancel_futures else []
-        keep = [work for work in pending if not work.future.cancel()]
-        # Retried tasks are running already: they stay queued and run again.
-        self.pending.extendleft(reversed(keep))
+        if cancel_futures:
+            self._cancelling = True  # the queue is briefly empty: the manager must not stop
+            try:
+                pending = self.take_pending()
+                # Retried tasks are running already: they stay queued and run again.
+                self.pending.extendleft(reversed([w for w in pending if w.future.running()]))
+                for work in pending:
+                    if not work.future.running():
+                        work.future.cancel()  # callbacks are user code: after the put-back
+            finally:
+                self._cancelling = False
         self.watch.wake()
         thread = self._thread
         if wait and thread is not None and thread is not threading.current_thread():
@@ -171,6 +208,18 @@ class Manager:
         dispatcher = self.dispatcher
         assert dispatcher is not None
         try:
+            # The mode's own processes are forked from this thread, which lives as long as
+            # the pool: a child's parent-death signal fires when the thread that forked it
+            # ends, and the constructor's thread may end long before the pool.
+            dispatcher.prepare()
+        except BaseException as exc:
+            self._start_error = exc
+            RUNNING.discard(self)
+            self.release()
+            return
+        finally:
+            self._started.set()
+        try:
             while True:
                 if self.abort_signal is None:
                     dispatcher.start_work()
@@ -184,10 +233,11 @@ class Manager:
                     return
                 if self._finished():
                     return
-        except BaseException as exc:  # pragma: no cover - a bug: fail every future loudly
+        except BaseException as exc:  # a bug (or worse): fail every future loudly
             self._fail_everything(exc)
             raise
         finally:
+            RUNNING.discard(self)
             self.release()
 
     def _round(self, timeout: float | None) -> None:
@@ -202,11 +252,11 @@ class Manager:
             self.logs.drain()
         assert self.dispatcher is not None
         self.dispatcher.on_events(readable, self.watch.writable, exits)
-        self._enforce_timeouts(time.monotonic())
+        enforce(self.dispatcher, self.options.grace, time.monotonic())
 
     def _finished(self) -> bool:
         """True once shut down with nothing left; lets idle processes go on the way."""
-        if not self.shutdown_requested or self.pending:
+        if not self.shutdown_requested or self.pending or self._cancelling:
             return False
         assert self.dispatcher is not None
         return self.dispatcher.wind_down()
@@ -231,11 +281,15 @@ class Manager:
             except IndexError:
                 return None
             if work.future.running() or work.future.set_running_or_notify_cancel():
+                # Until its dispatcher makes a run of it the task is nowhere else: a
+                # manager that fails meanwhile must still fail it (see _fail_everything).
+                self.handed_out = work
                 return work
             work.future.record.outcome = "cancelled"
 
     def new_run(self, work: Work, home: list[int], pid: int = 0) -> Run:
         """A new attempt of ``work``, in a slot taken from ``home`` (emptied for it)."""
+        self.handed_out = None  # in a run from now on (and never kept alive by us)
         record = work.future.record
         record.attempts += 1
         slot = home.pop()
@@ -248,14 +302,24 @@ class Manager:
         if self.options.timeout is not None:
             run.deadline = run.started + self.options.timeout
 
-    def before_fork(self) -> None:
+    def before_fork(self) -> Warning | None:
         """Runs before every fork the pool's own process makes: the fork-safety checks
-        (threads, inherited connections), and huge pages once if asked for.  Raises
-        ForkSafetyWarning when the warnings filters turn it into an error."""
+        (threads, inherited connections), and huge pages once if asked for.
+
+        Returns the warning a warnings filter turned into an error (ForkSafetyWarning,
+        HugepageWarning): the caller fails the task it was forking for with it, as the
+        manager thread has no caller to raise to.  Each kind is raised once per pool."""
         own = [] if self.logs is None else list(self.logs.fds)
-        self.safety.before_fork(own)
-        if self.options.hugepages and self.hugepages_report is None:
-            self.hugepages_report = collapse_hugepages()
+        # The constructor's thread only waits for us while the pool starts: not a risk.
+        idle = [] if self._started.is_set() or self._creator is None else [self._creator]
+        try:
+            self.safety.before_fork(own, idle)
+            if self.options.hugepages and not self._hugepages_tried:
+                self._hugepages_tried = True
+                self.hugepages_report = collapse_hugepages()
+        except Warning as error:
+            return error
+        return None
 
     def child_setup(self) -> None:
         """Runs in every process the pool forks, right after the fork."""
@@ -274,10 +338,11 @@ class Manager:
     def fail_before_start(self, work: Work, error: BaseException) -> None:
         """``work`` cannot run at all (its call would not pickle, no process could be
         forked): its future fails now.  The future may be running already (a retry)."""
+        self.handed_out = None
         future = work.future
         if future.running() or future.set_running_or_notify_cancel():
             future.record.outcome = "exception" if not isinstance(error, OSError) else "crash"
-            future.set_exception(error)
+            _resolve(future, False, error)
 
     def finish(self, run: Run, exited: Exit | None) -> None:
         """The one path from an ending to an outcome, for every mode.
@@ -309,7 +374,7 @@ class Manager:
         # A complete result wins even if the deadline passed meanwhile: the work was done.
         if outcome is not None and outcome[0] != EXCEPTION:
             record.outcome = "result"
-            work.future.set_result(outcome[1])
+            _resolve(work.future, True, outcome[1])
             return
         if load_error is not None:
             record.outcome = "exception"
@@ -319,44 +384,18 @@ class Manager:
         if record.attempts <= self.options.retries and self.abort_signal is None:
             self.pending.appendleft(work)  # run it again, before newer tasks
             return
-        work.future.set_exception(error)
-
-    # -- timeouts -------------------------------------------------------------------------
-
-    def _enforce_timeouts(self, now: float) -> None:
-        grace = self.options.grace
-        assert self.dispatcher is not None
-        for process in self.dispatcher.processes():
-            if process.terminated_at is None:
-                run = process.running_task()
-                if run is not None and run.deadline is not None and now >= run.deadline:
-                    run.timed_out = True
-                    self._terminate(process, now)
-            elif not process.kill_sent and now >= process.terminated_at + grace:
-                process.kill_sent = True  # once: then we only wait for the exit
-                self.dispatcher.signal(process, signal.SIGKILL)
-
-    def _terminate(self, process: Process, now: float) -> None:
-        process.terminated_at = now
-        assert self.dispatcher is not None
-        self.dispatcher.signal(process, signal.SIGTERM)
+        _resolve(work.future, False, error)
 
     def _next_wakeup(self, now: float) -> float | None:
-        waits = []
         assert self.dispatcher is not None
+        waits = []
         if self.options.timeout is not None or self.abort_signal is not None:
-            grace = self.options.grace
-            for process in self.dispatcher.processes():
-                if process.terminated_at is not None:
-                    if not process.kill_sent:
-                        waits.append(process.terminated_at + grace - now)
-                    continue
-                run = process.running_task()
-                if run is not None and run.deadline is not None:
-                    waits.append(run.deadline - now)
+            due = next_deadline(self.dispatcher, self.options.grace, now)
+            if due is not None:
+                waits.append(due)
         if self.options.max_load is not None and self.pending and not self.load_allows_fork():
             waits.append(_LOAD_RECHECK)
-        return max(0.0, min(waits)) if waits else None
+        return min(waits) if waits else None
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -372,7 +411,7 @@ class Manager:
                 process.kill_sent = True
                 dispatcher.signal(process, signal.SIGKILL)
             elif process.terminated_at is None:
-                self._terminate(process, now)
+                terminate(dispatcher, process, now)
         dispatcher.stop_accepting()
         deadline = now + self.options.grace
         killed_all = False
@@ -403,6 +442,8 @@ class Manager:
         """The manager hit a bug: refuse new work, kill the children, fail every future."""
         self.shutdown_requested = True
         works = self.take_pending()
+        if self.handed_out is not None:
+            works.append(self.handed_out)
         dispatcher = self.dispatcher
         if dispatcher is not None:
             works += [run.work for run in dispatcher.in_flight() if run.work is not None]
@@ -417,11 +458,16 @@ class Manager:
     def release(self) -> None:
         """Close the watcher, arena, log channel and the mode's resources (by the manager
         as it exits, or by the constructor when a later step failed).  Idempotent."""
+        dispatcher, self.dispatcher = self.dispatcher, None
+        try:
+            if dispatcher is not None:
+                dispatcher.close()  # while the watch is still there to unregister from
+        finally:
+            self._release_rest()
+
+    def _release_rest(self) -> None:
         watch, self.watch = self.watch, _ClosedWatch()  # type: ignore[assignment]
         logs, self.logs = self.logs, None
-        dispatcher, self.dispatcher = self.dispatcher, None
-        if dispatcher is not None:
-            dispatcher.close()
         if isinstance(watch, ChildWatch):
             watch.close()
         if hasattr(self, "arena"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import threading
@@ -77,6 +78,12 @@ class PoolOptions:
                                        "tasks_per_child=1", limit="tasks_per_child == 1")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise InvalidArgumentError(f"retries must be an int >= 0, not {retries!r}")
+        if max_load is not None and (isinstance(max_load, bool) or not isinstance(
+                max_load, (int, float)) or not math.isfinite(max_load)):
+            # Below 0 is allowed: the load is never under it, so one task runs at a time.
+            raise InvalidArgumentError(
+                f"max_load must be None or a finite number (a 1-minute load average), "
+                f"not {max_load!r}", limit="finite")
         if initializer is not None and not callable(initializer):
             raise InvalidArgumentError("initializer must be callable")
         main = threading.current_thread() is threading.main_thread()

@@ -38,7 +38,10 @@ class ForkPerTask(Dispatcher):
         while children of ours run (the task goes back to the front of the queue, to be
         forked when one of them has ended)."""
         manager = self.manager
-        manager.before_fork()
+        refused = manager.before_fork()
+        if refused is not None:  # a warnings filter made a fork-safety warning an error
+            manager.fail_before_start(work, refused)
+            return True
         run = manager.new_run(work, manager.free_slots)
         arena, slot, spill = manager.arena, run.slot, run.spill
 

@@ -92,7 +92,7 @@ class StreamTask:
         self._sink.put((self, False, error))
 
 
-@dataclass
+@dataclass(eq=False)  # identity: deque.remove must not compare calls field by field
 class Work:
     """One submitted call and its future (a TaskFuture, or a StreamTask)."""
 
@@ -125,12 +125,22 @@ def task_failure(work: Work, exited: Exit | None, outcome: tuple[int, Any] | Non
         return ChildCrashedError(f"task {record.task_id}: process {pid} handed back "
                                  "no outcome", pid=pid)
     if exited.signal is not None:
-        how = f"was killed by signal {exited.signal} ({signal.Signals(exited.signal).name})"
+        how = f"was killed by signal {exited.signal} ({signal_name(exited.signal)})"
     else:
         how = f"exited with status {exited.exitcode} without handing back an outcome"
     return ChildCrashedError(f"task {record.task_id}: process {exited.pid} {how}",
                              pid=exited.pid, exitcode=exited.exitcode,
                              signal=exited.signal)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9; real-time and unknown signals too (``SIGRTMIN+6``, ``SIG99``)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        if signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+        return f"SIG{signum}"
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -155,8 +165,9 @@ def apply_chunk(fn: Callable[..., Any], chunk: Iterable[Any], star: bool = False
 def drop(work: Work) -> None:
     """Cancel a task that will not run; one already running gets CancelledError."""
     future = work.future
+    if not future.done():
+        future.record.outcome = "cancelled"
     if not future.cancel() and not future.done():
-        work.future.record.outcome = "cancelled"
         future.set_exception(CancelledError("the pool was stopped before this task ended"))
 
 

@@ -31,7 +31,7 @@ from .._spill import Reservation, discard_spill, dump, read_spill, write_spill
 from ..errors import InvalidArgumentError
 
 __all__ = ["BEGIN", "EXCEPTION", "RESULT", "OutcomeArena", "discard_outcome", "outcome_name",
-           "read_outcome", "result_buffer", "write_outcome"]
+           "result_buffer"]
 
 RESULT, EXCEPTION = 0, 1
 _PLAIN = frozenset((int, float, str, bool, type(None)))  # hold no buffers, ever
@@ -44,22 +44,6 @@ def outcome_name(parent_pid: int, pool_tag: str, task_id: int, attempt: int) -> 
     (``ipcfork clean`` finds the spills of a parent that was SIGKILLed), a random tag per
     pool (a recycled pid never meets an old name) and the task's id and attempt."""
     return f"/{POSIX_PREFIX}{parent_pid}.out.{pool_tag}.{task_id}.{attempt}"
-
-
-def write_outcome(name: str, kind: int, payload: Any) -> None:
-    """In the child: write ``payload`` as outcome ``kind`` to a new shm object ``name``.
-
-    Raises pickle errors (the caller then writes an exception outcome instead) and OSError
-    (no room in /dev/shm).
-    """
-    write_spill(name, kind, *dump(payload, 0))
-
-
-def read_outcome(name: str) -> tuple[int, Any] | None:
-    """In the parent, after the child ended: ``(kind, payload)``, or None when the child
-    left no complete outcome.  The name is unlinked whatever happens.  Raises what
-    unpickling raises, and UnsafeObjectError for an object another user planted."""
-    return read_spill(name)
 
 
 def discard_outcome(name: str) -> None:
@@ -97,8 +81,11 @@ def result_buffer(source: Any) -> memoryview:
     taken).
     """
     data: Any = None
-    if isinstance(source, int) and not isinstance(source, bool):
-        nbytes = operator.index(source)
+    try:  # any integer (numpy's too) is a size, as for bytearray(n)
+        nbytes = operator.index(source) if not isinstance(source, bool) else None
+    except TypeError:
+        nbytes = None
+    if nbytes is not None:
         if nbytes < 0:
             raise InvalidArgumentError(f"result_buffer size must be >= 0, not {nbytes}")
     else:

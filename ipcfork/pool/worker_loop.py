@@ -118,8 +118,11 @@ def _serve(inbox: _Inbox, arena: OutcomeArena, done_w: int, max_tasks: int | Non
     done = 0
     while max_tasks is None or done < max_tasks:
         message = inbox.next()
-        if message is None:
-            return  # the parent closed the pipe: no more work
+        if not message:
+            # The parent closed the pipe, or sent the empty message that means "stop": it
+            # does both, as another process forked meanwhile may hold a copy of the pipe's
+            # write end and keep the EOF from ever coming.
+            return
         slot, length = unpack(message, 0)
         spill = message[8:8 + length].decode()
         write(slot, BEGIN, None, spill)

@@ -66,9 +66,14 @@ class Worker(Process):
         return [slot for (slot,) in _U32.iter_unpack(data[:whole])]
 
     def stop(self) -> None:
-        """Close the task pipe: the worker ends after its current tasks (EOF)."""
+        """Send the empty message and close the task pipe: the worker ends after its
+        current tasks.  The message, not the EOF, is what it counts on: a process forked
+        since (another pool's worker, a user's child) may hold a copy of the write end."""
         if not self.closed:
             self.closed = True
+            with contextlib.suppress(OSError):  # full (it ends at EOF then) or gone
+                if not self.outbox:
+                    os.write(self.task_w, _U32.pack(0))
             os.close(self.task_w)
 
     def close(self) -> None:
@@ -98,13 +103,14 @@ class PersistentWorkers(Dispatcher):
             while manager.pending and manager.abort_signal is None:
                 try:
                     worker = self._pick_worker()
-                except OSError as exc:  # no worker exists and none could be forked
+                except (OSError, Warning) as exc:  # no worker exists and none was forked
                     failed = manager.next_startable(0)
                     if failed is None:
                         return
                     # Nobody could ever run it: it fails, the pool lives, the next one
                     # tries again.
-                    manager.fail_before_start(failed, fork_error(exc))
+                    error = fork_error(exc) if isinstance(exc, OSError) else exc
+                    manager.fail_before_start(failed, error)
                     continue
                 if worker is None:
                     return
@@ -122,6 +128,7 @@ class PersistentWorkers(Dispatcher):
     def _pick_worker(self) -> Worker | None:
         """An idle worker, else a new one while below max_workers (and the load allows),
         else the least busy worker with room; None when all are full.  Raises OSError
+        (fork refused) or the Warning a filter made an error (see Manager.before_fork)
         when no worker exists and none could be forked."""
         least_busy: Worker | None = None
         for worker in self.workers.values():
@@ -135,7 +142,7 @@ class PersistentWorkers(Dispatcher):
                 not self.workers or manager.load_allows_fork()):
             try:
                 return self._fork_worker()
-            except OSError:  # out of processes or memory: the workers we have will do
+            except (OSError, Warning):  # no process, or a check refused: ours will do
                 if not self.workers:
                     raise
         return least_busy
@@ -143,7 +150,9 @@ class PersistentWorkers(Dispatcher):
     def _fork_worker(self) -> Worker:
         manager = self.manager
         options = manager.options
-        manager.before_fork()
+        refused = manager.before_fork()
+        if refused is not None:  # a warnings filter made a fork-safety warning an error
+            raise refused
         task_r, task_w = os.pipe2(os.O_CLOEXEC)
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
         others = [fd for w in self.workers.values() for fd in (w.task_w, w.done_r)

@@ -23,14 +23,15 @@ from .manager import Manager
 from .reaper import Exit
 from .tasks import Work
 from .worker_loop import encode_task, flush_outbox
-from .zygote_loop import kill_command, parse_events, run_zygote, task_command
+from .zygote_loop import QUIT_COMMAND, kill_command, parse_events, run_zygote, task_command
 
 __all__ = ["Zygote"]
 
 
 class Zygote(Dispatcher):
-    """The dispatcher of zygote mode; forks the zygote at once (from the constructor's
-    thread, before this process grows threads or a large heap)."""
+    """The dispatcher of zygote mode; forks the zygote as the manager thread starts,
+    before the pool's constructor returns (before this process grows threads or a large
+    heap)."""
 
     def __init__(self, manager: Manager) -> None:
         super().__init__(manager)
@@ -39,15 +40,26 @@ class Zygote(Dispatcher):
         self.rest = b""
         self.outbox = bytearray()
         self.runs: dict[int, Run] = {}  # by slot
-        self._start_zygote()
+
+    def prepare(self) -> None:
+        self._start_zygote()  # now: before this process grows threads or a big heap
 
     def _start_zygote(self) -> None:
+        """Fork the zygote.  Raises OSError when the fork is refused, or the warning a
+        filter made an error (see Manager.before_fork)."""
         manager = self.manager
         options = manager.options
-        manager.before_fork()
+        refused = manager.before_fork()
+        if refused is not None:
+            raise refused
         cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
         event_r, event_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (cmd_r, cmd_w, event_r, event_w):
+                os.close(fd)
+            raise
         if pid == 0:  # the zygote: never returns
             os.close(cmd_w)
             os.close(event_r)
@@ -66,7 +78,12 @@ class Zygote(Dispatcher):
         manager = self.manager
         while (work := manager.next_startable(len(self.runs))) is not None:
             if self.pid is None:
-                self._start_zygote()  # the previous one died: fork a new one from here
+                try:
+                    self._start_zygote()  # the previous one died: fork a new one from here
+                except (OSError, Warning) as exc:
+                    error = fork_error(exc) if isinstance(exc, OSError) else exc
+                    manager.fail_before_start(work, error)  # the next task tries again
+                    continue
             self._send(work)
 
     def _send(self, work: Work) -> None:
@@ -145,6 +162,7 @@ class Zygote(Dispatcher):
 
     def _close_commands(self) -> None:
         if self.commands >= 0:
+            self.outbox += QUIT_COMMAND  # the EOF alone may never come (see zygote_loop)
             flush_outbox(self.commands, self.outbox)  # best effort, no waiting
             self.outbox.clear()
             self.manager.watch.remove_writer(self.commands)
@@ -175,8 +193,12 @@ class Zygote(Dispatcher):
         self._close_commands()  # the zygote exits once its children are reaped
 
     def close(self) -> None:
-        """Only when the pool's constructor failed after the zygote was forked."""
+        """When the pool's resources go: normally the zygote is gone by then; if the pool
+        failed to start or its manager failed, stop and reap it here."""
         self._close_commands()
+        if self.events >= 0:
+            os.close(self.events)
+            self.events = -1
         if self.pid is not None:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)

@@ -12,15 +12,18 @@ Wire (both directions framed, little-endian):
     parent -> zygote:  kind (1 byte), u32 length, body:
                        b"T": encode_task(slot, spill, fn, args, kwargs)   (run a task)
                        b"K": u32 slot, u32 signal        (signal the task in that slot)
+                       b"Q": empty                       (finish: no more commands)
     zygote -> parent:  EVENT records of fixed size (atomic pipe writes):
                        b"S" slot, pid                    (the task's child was forked)
                        b"F" slot, errno                  (its fork failed: no child of the
                                                          zygote ran to wait for)
                        b"E" slot, pid, exit code, signal, max RSS, user and system CPU
 
-Closing the command pipe tells the zygote to finish: it waits for its children, reports
-them, and exits.  Every child asks for ``PR_SET_PDEATHSIG`` against the zygote and the zygote
-against the parent, so a dying parent takes the whole tree along.
+A ``Q`` frame (and closing the command pipe) tells the zygote to finish: it waits for its
+children, reports them, and exits.  The frame is what counts: a process forked since (a
+task of another pool, say) may hold a copy of the write end, so the EOF may never come.
+Every child asks for ``PR_SET_PDEATHSIG`` against the zygote and the zygote against the
+parent's manager thread, so a dying parent takes the whole tree along.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from .reaper import Exit, reap
 from .transfer import OutcomeArena
 from .worker_loop import call_pickled
 
-__all__ = ["EVENT", "ZygoteEvent", "kill_command", "parse_events", "run_zygote",
+__all__ = ["EVENT", "QUIT_COMMAND", "ZygoteEvent", "kill_command", "parse_events", "run_zygote",
            "task_command"]
 
 EVENT = struct.Struct("<cIIiiQdd")
@@ -73,6 +76,9 @@ def parse_events(data: bytes) -> tuple[list[ZygoteEvent], bytes]:
 def task_command(message: bytes) -> bytes:
     """The frame that asks the zygote to run a task (``message`` from ``encode_task``)."""
     return b"T" + _U32.pack(len(message)) + message
+
+
+QUIT_COMMAND = b"Q" + _U32.pack(0)
 
 
 def kill_command(slot: int, signum: int) -> bytes:
@@ -115,11 +121,12 @@ class _Zygote:
         self.by_slot: dict[int, int] = {}
         self.buffer = bytearray()
         self.deferred: collections.deque[bytes] = collections.deque()  # refused forks
+        self.quit = False
         self.me = os.getpid()
 
     def serve(self) -> None:
         open_commands = True
-        while open_commands or self.children or self.deferred:
+        while (open_commands and not self.quit) or self.children or self.deferred:
             for fd, _ in self.poll.poll():
                 if fd == self.cmd_r:
                     data = os.read(self.cmd_r, 1 << 16)
@@ -144,7 +151,10 @@ class _Zygote:
                 break
             body = bytes(buffer[at + 5:at + 5 + length])
             at += 5 + length
-            if kind == b"K":
+            if kind == b"Q":  # stop, as at EOF (see run_zygote's docstring)
+                self.quit = True
+                self.deferred.clear()
+            elif kind == b"K":
                 slot, signum = struct.unpack("<II", body)
                 pid = self.by_slot.get(slot)
                 if pid is not None:  # not yet reaped by us, so the pid is still this child
