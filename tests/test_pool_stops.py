@@ -199,18 +199,30 @@ def test_shutdown_does_not_wait_on_a_pipe_another_pool_inherited(mode: dict[str,
 
 def test_a_zygote_pool_made_in_a_thread_that_ends_keeps_its_zygote() -> None:
     # PR_SET_PDEATHSIG fires when the *thread* that forked ends: the zygote is forked by
-    # the manager thread, which lives as long as the pool.
-    made: list[ipcfork.ForkPool] = []
-    maker = threading.Thread(target=lambda: made.append(ipcfork.ForkPool(1, zygote=True)))
+    # the manager thread, which lives as long as the pool.  Made in a thread that then
+    # ended, it once took its zygote and the task running there along.
+    r, w = os.pipe()
+    made: list[Any] = []
+
+    def make() -> None:
+        pool = ipcfork.ForkPool(1, zygote=True)
+        made.append((pool, testing.children(), pool.submit(os.read, r, 1)))
+
+    maker = threading.Thread(target=make)
     maker.start()
+    tid = maker.native_id
     maker.join()
-    (pool,) = made
+    (pool, zygote, future), = made
     try:
-        zygote = testing.children()
-        assert pool.submit(abs, -4).result(timeout=30) == 4
-        assert testing.children() == zygote  # the same zygote, alive after its maker ended
+        while os.path.exists(f"/proc/self/task/{tid}"):  # the OS thread is gone too
+            time.sleep(0.001)
+        os.write(w, b"x")
+        assert future.result(timeout=30) == b"x"  # the task lived on, in the same zygote
+        assert testing.children() == zygote
     finally:
         pool.shutdown()
+        os.close(r)
+        os.close(w)
 
 
 def test_a_pool_that_fails_to_start_releases_everything() -> None:
