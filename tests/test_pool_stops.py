@@ -3,6 +3,7 @@ thread is inside the pool's first ``submit``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -132,28 +134,35 @@ MODES = [pytest.param({}, id="per-task"), pytest.param({"tasks_per_child": None}
          pytest.param({"zygote": True}, id="zygote")]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_fork_safety_warning_made_an_error_fails_one_task_not_the_pool(
-        mode: dict[str, Any]) -> None:
-    # The manager thread has no caller to raise to: an escaping warning once killed it
-    # and left the task it was forking for RUNNING for ever.
+@contextlib.contextmanager
+def _fork_safety_warnings_are_errors() -> Iterator[None]:
+    """A thread of the user's runs ("busy-elsewhere") and ForkSafetyWarning is an error."""
     stop = threading.Event()
     other = threading.Thread(target=stop.wait, name="busy-elsewhere")
     other.start()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", ipcfork.ForkSafetyWarning)
-            if mode.get("zygote"):  # the zygote is forked as the pool starts: it raises
-                with pytest.raises(ipcfork.ForkSafetyWarning, match="busy-elsewhere"):
-                    ipcfork.ForkPool(1, **mode)
-                return
-            with ipcfork.ForkPool(1, **mode) as pool:
-                with pytest.raises(ipcfork.ForkSafetyWarning, match="busy-elsewhere"):
-                    pool.submit(abs, -1).result(timeout=30)
-                assert pool.submit(abs, -2).result(timeout=30) == 2  # warned once: it runs
+            yield
     finally:
         stop.set()
         other.join()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fork_safety_warning_made_an_error_fails_one_task_not_the_pool(
+        mode: dict[str, Any]) -> None:
+    # The manager thread has no caller to raise to: an escaping warning once killed it
+    # and left the task it was forking for RUNNING for ever.
+    with _fork_safety_warnings_are_errors():
+        if mode.get("zygote"):  # the zygote is forked as the pool starts: it raises
+            with pytest.raises(ipcfork.ForkSafetyWarning, match="busy-elsewhere"):
+                ipcfork.ForkPool(1, **mode)
+            return
+        with ipcfork.ForkPool(1, **mode) as pool:
+            with pytest.raises(ipcfork.ForkSafetyWarning, match="busy-elsewhere"):
+                pool.submit(abs, -1).result(timeout=30)
+            assert pool.submit(abs, -2).result(timeout=30) == 2  # warned once: it runs
 
 
 def _die_by(signum: int) -> None:
@@ -227,17 +236,8 @@ def test_a_zygote_pool_made_in_a_thread_that_ends_keeps_its_zygote() -> None:
 
 def test_a_pool_that_fails_to_start_releases_everything() -> None:
     before = sorted(os.listdir("/proc/self/fd"))
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait, name="busy-elsewhere")
-    other.start()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", ipcfork.ForkSafetyWarning)
-            with pytest.raises(ipcfork.ForkSafetyWarning):
-                ipcfork.ForkPool(1, zygote=True)
-    finally:
-        stop.set()
-        other.join()
+    with _fork_safety_warnings_are_errors(), pytest.raises(ipcfork.ForkSafetyWarning):
+        ipcfork.ForkPool(1, zygote=True)
     assert sorted(os.listdir("/proc/self/fd")) == before  # the autouse check sees IPC
 
 

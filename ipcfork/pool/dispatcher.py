@@ -9,6 +9,7 @@ everything about timeouts (TERM, grace, one KILL) is the manager's, written once
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from .tasks import Work
 if TYPE_CHECKING:
     from .manager import Manager
 
-__all__ = ["Dispatcher", "Process", "Run"]
+__all__ = ["Dispatcher", "Process", "Run", "fork_with_pipes"]
 
 
 @dataclass(eq=False)
@@ -100,3 +101,21 @@ class Dispatcher:
 
     def close(self) -> None:
         """Release what the mode holds (called once, when the pool's resources go)."""
+
+
+def fork_with_pipes(manager: Manager) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """Fork a helper process of the mode (a worker, the zygote) with two new pipes,
+    ``(pid, (r1, w1), (r2, w2))``, after the manager's fork checks.  Raises OSError when
+    the fork is refused (the pipes are closed again), or the warning a filter made an error
+    (see Manager.before_fork)."""
+    refused = manager.before_fork()
+    if refused is not None:
+        raise refused
+    first, second = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (*first, *second):
+            os.close(fd)
+        raise
+    return pid, first, second

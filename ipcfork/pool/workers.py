@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .._os.translate import fork_error
-from .dispatcher import Dispatcher, Process, Run
+from .dispatcher import Dispatcher, Process, Run, fork_with_pipes
 from .manager import Manager
 from .reaper import Exit
 from .tasks import Work, kill
@@ -150,19 +150,9 @@ class PersistentWorkers(Dispatcher):
     def _fork_worker(self) -> Worker:
         manager = self.manager
         options = manager.options
-        refused = manager.before_fork()
-        if refused is not None:  # a warnings filter made a fork-safety warning an error
-            raise refused
-        task_r, task_w = os.pipe2(os.O_CLOEXEC)
-        done_r, done_w = os.pipe2(os.O_CLOEXEC)
         others = [fd for w in self.workers.values() for fd in (w.task_w, w.done_r)
                   if not w.closed]
-        try:
-            pid = os.fork()
-        except OSError:
-            for fd in (task_r, task_w, done_r, done_w):
-                os.close(fd)
-            raise
+        pid, (task_r, task_w), (done_r, done_w) = fork_with_pipes(manager)
         if pid == 0:  # the worker: never returns
             os.close(task_w)
             os.close(done_r)

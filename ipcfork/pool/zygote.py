@@ -18,7 +18,7 @@ import signal
 from collections.abc import Iterable
 
 from .._os.translate import fork_error
-from .dispatcher import Dispatcher, Process, Run
+from .dispatcher import Dispatcher, Process, Run, fork_with_pipes
 from .manager import Manager
 from .reaper import Exit
 from .tasks import Work
@@ -49,17 +49,7 @@ class Zygote(Dispatcher):
         filter made an error (see Manager.before_fork)."""
         manager = self.manager
         options = manager.options
-        refused = manager.before_fork()
-        if refused is not None:
-            raise refused
-        cmd_r, cmd_w = os.pipe2(os.O_CLOEXEC)
-        event_r, event_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            pid = os.fork()
-        except OSError:
-            for fd in (cmd_r, cmd_w, event_r, event_w):
-                os.close(fd)
-            raise
+        pid, (cmd_r, cmd_w), (event_r, event_w) = fork_with_pipes(manager)
         if pid == 0:  # the zygote: never returns
             os.close(cmd_w)
             os.close(event_r)
