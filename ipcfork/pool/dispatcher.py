@@ -14,13 +14,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .._os.translate import fork_error
+from ..errors import IpcforkError
 from .reaper import Exit
 from .tasks import Work
 
 if TYPE_CHECKING:
     from .manager import Manager
 
-__all__ = ["Dispatcher", "Process", "Run", "fork_with_pipes"]
+__all__ = ["START_ERRORS", "Dispatcher", "Process", "Run", "fork_with_pipes", "start_failure"]
+
+# What starting a helper process may raise that fails one task, not the pool: a refused
+# fork, a warning a filter made an error, an ipcfork error (huge pages without /proc).
+START_ERRORS = (OSError, Warning, IpcforkError)
 
 
 @dataclass(eq=False)
@@ -119,3 +125,10 @@ def fork_with_pipes(manager: Manager) -> tuple[int, tuple[int, int], tuple[int, 
             os.close(fd)
         raise
     return pid, first, second
+
+
+def start_failure(error: Exception) -> Exception:
+    """The exception a task fails with when its process could not be started."""
+    if isinstance(error, OSError) and not isinstance(error, IpcforkError):
+        return fork_error(error)
+    return error

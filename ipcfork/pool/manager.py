@@ -25,6 +25,7 @@ from typing import Any
 
 from .._os.hugepages import HugepageReport, collapse_hugepages
 from .._os.identity import IDENTITY
+from ..errors import IpcforkError
 from .deadlines import enforce, next_deadline, terminate
 from .dispatcher import Dispatcher, Run
 from .forksafety import ForkSafety
@@ -302,13 +303,14 @@ class Manager:
         if self.options.timeout is not None:
             run.deadline = run.started + self.options.timeout
 
-    def before_fork(self) -> Warning | None:
+    def before_fork(self) -> Exception | None:
         """Runs before every fork the pool's own process makes: the fork-safety checks
         (threads, inherited connections), and huge pages once if asked for.
 
         Returns the warning a warnings filter turned into an error (ForkSafetyWarning,
-        HugepageWarning): the caller fails the task it was forking for with it, as the
-        manager thread has no caller to raise to.  Each kind is raised once per pool."""
+        HugepageWarning), or the error huge pages met (no /proc): the caller fails the
+        task it was forking for with it, as the manager thread has no caller to raise to.
+        Each kind is raised once per pool."""
         own = [] if self.logs is None else list(self.logs.fds)
         # The constructor's thread only waits for us while the pool starts: not a risk.
         idle = [] if self._started.is_set() or self._creator is None else [self._creator]
@@ -317,7 +319,7 @@ class Manager:
             if self.options.hugepages and not self._hugepages_tried:
                 self._hugepages_tried = True
                 self.hugepages_report = collapse_hugepages()
-        except Warning as error:
+        except (Warning, IpcforkError) as error:  # IpcforkError: no /proc for huge pages
             return error
         return None
 

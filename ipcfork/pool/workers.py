@@ -16,8 +16,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .._os.translate import fork_error
-from .dispatcher import Dispatcher, Process, Run, fork_with_pipes
+from .dispatcher import START_ERRORS, Dispatcher, Process, Run, fork_with_pipes, start_failure
 from .manager import Manager
 from .reaper import Exit
 from .tasks import Work, kill
@@ -103,14 +102,13 @@ class PersistentWorkers(Dispatcher):
             while manager.pending and manager.abort_signal is None:
                 try:
                     worker = self._pick_worker()
-                except (OSError, Warning) as exc:  # no worker exists and none was forked
+                except START_ERRORS as exc:  # no worker exists and none was forked
                     failed = manager.next_startable(0)
                     if failed is None:
                         return
                     # Nobody could ever run it: it fails, the pool lives, the next one
                     # tries again.
-                    error = fork_error(exc) if isinstance(exc, OSError) else exc
-                    manager.fail_before_start(failed, error)
+                    manager.fail_before_start(failed, start_failure(exc))
                     continue
                 if worker is None:
                     return
@@ -142,7 +140,7 @@ class PersistentWorkers(Dispatcher):
                 not self.workers or manager.load_allows_fork()):
             try:
                 return self._fork_worker()
-            except (OSError, Warning):  # no process, or a check refused: ours will do
+            except START_ERRORS:  # no process, or a check refused: ours will do
                 if not self.workers:
                     raise
         return least_busy

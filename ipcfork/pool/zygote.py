@@ -18,7 +18,7 @@ import signal
 from collections.abc import Iterable
 
 from .._os.translate import fork_error
-from .dispatcher import Dispatcher, Process, Run, fork_with_pipes
+from .dispatcher import START_ERRORS, Dispatcher, Process, Run, fork_with_pipes, start_failure
 from .manager import Manager
 from .reaper import Exit
 from .tasks import Work
@@ -70,9 +70,8 @@ class Zygote(Dispatcher):
             if self.pid is None:
                 try:
                     self._start_zygote()  # the previous one died: fork a new one from here
-                except (OSError, Warning) as exc:
-                    error = fork_error(exc) if isinstance(exc, OSError) else exc
-                    manager.fail_before_start(work, error)  # the next task tries again
+                except START_ERRORS as exc:
+                    manager.fail_before_start(work, start_failure(exc))  # the next tries again
                     continue
             self._send(work)
 
