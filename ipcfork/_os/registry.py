@@ -201,23 +201,23 @@ def list_objects() -> list[Record]:
     return [_with_usage(record, posix_users) for record in records]
 
 
+# How each kind of object is removed, and the error that means it is gone already.
+_REMOVERS: dict[tuple[str, str], tuple[Any, type[Exception]]] = {
+    ("sysv", "semaphore"): (lambda ident: sysv_ipc.remove_semaphore(int(ident)),
+                            sysv_ipc.Error),
+    ("sysv", "shm"): (lambda ident: sysv_ipc.remove_shared_memory(int(ident)), sysv_ipc.Error),
+    ("sysv", "queue"): (lambda ident: sysv_ipc.remove_message_queue(int(ident)),
+                        sysv_ipc.Error),
+    ("posix", "semaphore"): (posix_ipc.unlink_semaphore, posix_ipc.Error),
+    ("posix", "shm"): (posix_ipc.unlink_shared_memory, posix_ipc.Error),
+    ("posix", "queue"): (posix_ipc.unlink_message_queue, posix_ipc.Error),
+}
+
+
 def _remove(record: Record) -> None:
-    if record.backend == "sysv":
-        remover = {
-            "semaphore": sysv_ipc.remove_semaphore,
-            "shm": sysv_ipc.remove_shared_memory,
-            "queue": sysv_ipc.remove_message_queue,
-        }[record.kind]
-        with contextlib.suppress(sysv_ipc.Error):
-            remover(int(record.ident))
-    else:
-        remover = {
-            "semaphore": posix_ipc.unlink_semaphore,
-            "shm": posix_ipc.unlink_shared_memory,
-            "queue": posix_ipc.unlink_message_queue,
-        }[record.kind]
-        with contextlib.suppress(posix_ipc.Error):
-            remover(record.ident)
+    remover, gone = _REMOVERS[(record.backend, record.kind)]
+    with contextlib.suppress(gone):
+        remover(record.ident)
 
 
 def clean(*, include_live: bool = False,

@@ -9,6 +9,7 @@ everything about timeouts (TERM, grace, one KILL) is the manager's, written once
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,12 +18,13 @@ from typing import TYPE_CHECKING
 from .._os.translate import fork_error
 from ..errors import IpcforkError
 from .reaper import Exit
-from .tasks import Work
+from .tasks import Work, kill
 
 if TYPE_CHECKING:
     from .manager import Manager
 
-__all__ = ["START_ERRORS", "Dispatcher", "Process", "Run", "fork_with_pipes", "start_failure"]
+__all__ = ["START_ERRORS", "Dispatcher", "Process", "Run", "fork_with_pipes", "read_available",
+           "start_failure"]
 
 # What starting a helper process may raise that fails one task, not the pool: a refused
 # fork, a warning a filter made an error, an ipcfork error (huge pages without /proc).
@@ -87,8 +89,9 @@ class Dispatcher:
         raise NotImplementedError
 
     def signal(self, process: Process, signum: int) -> None:
-        """Deliver ``signum`` to ``process`` (directly, or through the zygote)."""
-        raise NotImplementedError
+        """Deliver ``signum`` to ``process``: directly, unless the mode must go through
+        a helper (the zygote)."""
+        kill(process.pid, signum)
 
     def pids(self) -> list[int]:
         """Every live process of ours, for a last-resort SIGKILL."""
@@ -107,6 +110,15 @@ class Dispatcher:
 
     def close(self) -> None:
         """Release what the mode holds (called once, when the pool's resources go)."""
+
+
+def read_available(fd: int, rest: bytes = b"") -> bytes:
+    """``rest`` plus everything the non-blocking pipe ``fd`` holds now (b"" at EOF)."""
+    chunks = [rest]
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def fork_with_pipes(manager: Manager) -> tuple[int, tuple[int, int], tuple[int, int]]:

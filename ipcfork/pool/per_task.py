@@ -15,7 +15,7 @@ from .child import run_task_in_child
 from .dispatcher import Dispatcher, Process, Run
 from .manager import Manager
 from .reaper import Exit
-from .tasks import Work, kill
+from .tasks import Work
 
 __all__ = ["ForkPerTask"]
 
@@ -88,9 +88,6 @@ class ForkPerTask(Dispatcher):
 
     def processes(self) -> Iterable[Process]:
         return list(self.running.values())
-
-    def signal(self, process: Process, signum: int) -> None:
-        kill(process.pid, signum)
 
     def pids(self) -> list[int]:
         return list(self.running)

@@ -154,10 +154,7 @@ class OutcomeArena:
         """
         global _task_spill, _reservation, _previous
         if kind == BEGIN:
-            if _previous is None:
-                _task_spill, _reservation = spill, None
-            else:
-                _begin(spill)
+            _begin(spill)
             return
         reservation = _reservation
         _task_spill = _reservation = None

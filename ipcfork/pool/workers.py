@@ -16,10 +16,18 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .dispatcher import START_ERRORS, Dispatcher, Process, Run, fork_with_pipes, start_failure
+from .dispatcher import (
+    START_ERRORS,
+    Dispatcher,
+    Process,
+    Run,
+    fork_with_pipes,
+    read_available,
+    start_failure,
+)
 from .manager import Manager
 from .reaper import Exit
-from .tasks import Work, kill
+from .tasks import Work
 from .worker_loop import DEPTH, encode_task, flush_outbox, run_worker
 
 __all__ = ["PersistentWorkers", "Worker"]
@@ -55,11 +63,7 @@ class Worker(Process):
 
     def read_notices(self) -> list[int]:
         """The slots whose outcomes completed, from what the done pipe holds now."""
-        chunks = [self.pending_bytes]
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self.done_r, 1 << 16):
-                chunks.append(chunk)
-        data = b"".join(chunks)
+        data = read_available(self.done_r, self.pending_bytes)
         whole = len(data) - len(data) % _U32.size
         self.pending_bytes = data[whole:]
         return [slot for (slot,) in _U32.iter_unpack(data[:whole])]
@@ -242,9 +246,6 @@ class PersistentWorkers(Dispatcher):
 
     def processes(self) -> Iterable[Process]:
         return list(self.workers.values())
-
-    def signal(self, process: Process, signum: int) -> None:
-        kill(process.pid, signum)
 
     def pids(self) -> list[int]:
         return list(self.workers)

@@ -18,7 +18,15 @@ import signal
 from collections.abc import Iterable
 
 from .._os.translate import fork_error
-from .dispatcher import START_ERRORS, Dispatcher, Process, Run, fork_with_pipes, start_failure
+from .dispatcher import (
+    START_ERRORS,
+    Dispatcher,
+    Process,
+    Run,
+    fork_with_pipes,
+    read_available,
+    start_failure,
+)
 from .manager import Manager
 from .reaper import Exit
 from .tasks import Work
@@ -115,11 +123,7 @@ class Zygote(Dispatcher):
                 self._on_zygote_exit()
 
     def _read_events(self) -> None:
-        chunks = [self.rest]
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self.events, 1 << 16):
-                chunks.append(chunk)
-        events, self.rest = parse_events(b"".join(chunks))
+        events, self.rest = parse_events(read_available(self.events, self.rest))
         manager = self.manager
         for event in events:
             run = self.runs.get(event.slot)
