@@ -5,7 +5,8 @@ Primitives (each over ``backend="posix"`` or ``backend="sysv"``, anonymous or na
 :class:`SharedMemory` and :class:`MessageQueue`; shared data: :class:`SharedCounter`,
 :class:`SharedValue`/:class:`SharedArray`, :class:`RateLimiter`.  :class:`ForkPool` runs
 callables in forked children (``ipcfork.pool``); :func:`collapse_hugepages` keeps forks from
-a big parent cheap.  Errors derive from :class:`IpcforkError`.
+a big parent cheap; :class:`Service` supervises long-running workers (``ipcfork.service``).
+Errors derive from :class:`IpcforkError`.
 """
 
 from ._os.hugepages import HugepageReport, collapse_hugepages
@@ -16,11 +17,14 @@ from .errors import (
     BrokenBarrierError,
     BufferInUseError,
     ChildCrashedError,
+    CrashLoopError,
     DeadlockError,
     ForkSafetyWarning,
     HugepageWarning,
     InvalidArgumentError,
     IpcforkError,
+    LedgerBusyError,
+    LedgerMismatchError,
     LimitExceededError,
     NotOwnerError,
     ObjectClosedError,
@@ -30,16 +34,21 @@ from .errors import (
     QueueEmptyError,
     QueueFullError,
     RemoteTraceback,
+    ServiceError,
+    ServiceRunningError,
     TaskTimeoutError,
+    UncertainTasksError,
     UnsafeObjectError,
     WaitTimeoutError,
 )
+from .ledger import Ledger, task_key
 from .mqueue import MessageQueue
 from .mutex import Mutex
 from .pool import ForkPool, TaskFuture, TaskRecord
 from .pool.transfer import result_buffer
 from .ratelimit import RateLimiter
 from .semaphore import Semaphore
+from .service import Service, WorkerContext
 from .shared import SharedArray, SharedValue
 from .shm import SharedMemory
 
@@ -51,6 +60,7 @@ __all__ = [
     "BrokenBarrierError",
     "BufferInUseError",
     "ChildCrashedError",
+    "CrashLoopError",
     "DeadlockError",
     "ForkPool",
     "ForkSafetyWarning",
@@ -58,6 +68,9 @@ __all__ = [
     "HugepageWarning",
     "InvalidArgumentError",
     "IpcforkError",
+    "Ledger",
+    "LedgerBusyError",
+    "LedgerMismatchError",
     "LimitExceededError",
     "MessageQueue",
     "Mutex",
@@ -71,6 +84,9 @@ __all__ = [
     "RateLimiter",
     "RemoteTraceback",
     "Semaphore",
+    "Service",
+    "ServiceError",
+    "ServiceRunningError",
     "SharedArray",
     "SharedCounter",
     "SharedMemory",
@@ -78,8 +94,11 @@ __all__ = [
     "TaskFuture",
     "TaskRecord",
     "TaskTimeoutError",
+    "UncertainTasksError",
     "UnsafeObjectError",
     "WaitTimeoutError",
+    "WorkerContext",
     "collapse_hugepages",
     "result_buffer",
+    "task_key",
 ]

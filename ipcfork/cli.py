@@ -1,6 +1,7 @@
 """The ``ipcfork`` command: ``ls`` and ``clean`` for ipcfork objects on this machine,
-``info`` (the version and which native core path is in use), and ``race``, the race
-laboratory (``ipcfork/race/``)."""
+``info`` (the version and which native core path is in use), ``race``, the race
+laboratory (``ipcfork/race/``), and ``serve``/``status`` for supervised services
+(``ipcfork/service/``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from ._os import registry as _registry
+from .ledger import command as ledger_command
 from .race import command as race_command
+from .service import command as service_command
 
 __all__ = ["main"]
 
@@ -96,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=_cmd_info)
     race_command.add_parser(sub)
+    ledger_command.add_parser(sub)
+    service_command.add_parsers(sub)
     return parser
 
 

@@ -25,10 +25,13 @@ __all__ = [
     "BufferInUseError",
     "DeadlockError",
     "ChildCrashedError",
+    "CrashLoopError",
     "ForkSafetyWarning",
     "HugepageWarning",
     "IpcforkError",
     "InvalidArgumentError",
+    "LedgerBusyError",
+    "LedgerMismatchError",
     "LimitExceededError",
     "NotOwnerError",
     "ObjectClosedError",
@@ -38,7 +41,10 @@ __all__ = [
     "QueueEmptyError",
     "QueueFullError",
     "RemoteTraceback",
+    "ServiceError",
+    "ServiceRunningError",
     "TaskTimeoutError",
+    "UncertainTasksError",
     "UnsafeObjectError",
     "WaitTimeoutError",
 ]
@@ -166,6 +172,54 @@ class ChildCrashedError(IpcforkError, ChildProcessError):
 
 class TaskTimeoutError(IpcforkError, TimeoutError):
     """A task ran past the pool's ``timeout`` and its child was terminated."""
+
+
+class ServiceError(IpcforkError, RuntimeError):
+    """A supervised :class:`~ipcfork.Service` could not start or had to stop."""
+
+
+class ServiceRunningError(ServiceError):
+    """The pidfile is locked by a live service; ``pid`` is that service's pid."""
+
+    def __init__(self, message: str, *, pid: int | None = None, **facts: Any) -> None:
+        super().__init__(message, **facts)
+        self.pid = pid
+
+
+class CrashLoopError(ServiceError):
+    """Workers died more than ``max_restarts`` times within ``restart_window`` seconds, so
+    the service stopped instead of restarting them for ever."""
+
+
+class LedgerMismatchError(IpcforkError, ValueError):
+    """A resumed batch does not match its ledger: an item whose fingerprint differs from
+    the one recorded under its key, another function, or another kind of key.  The message
+    names the ledger's path and the key (or what differs)."""
+
+
+class LedgerBusyError(IpcforkError, RuntimeError):
+    """Another live process runs a batch on this ledger (or reconciles it); ``pid`` (None
+    if it could not be learned) and the message name it."""
+
+    def __init__(self, message: str, *, pid: int | None = None, **facts: Any) -> None:
+        super().__init__(message, **facts)
+        self.pid = pid
+
+
+class UncertainTasksError(IpcforkError, RuntimeError):
+    """A batch run with ``uncertain="hold"`` found tasks that were started by an earlier run
+    that died before recording their outcome; they were not run again.
+
+    ``keys`` lists them and ``path`` names the ledger: reconcile each with
+    ``ipcfork.Ledger(path).settle(key, ...)`` (it happened) or ``.forget(key)`` (run it
+    again), then run the batch again.
+    """
+
+    def __init__(self, message: str, *, keys: list[str | int] | None = None,
+                 path: str | None = None, **facts: Any) -> None:
+        super().__init__(message, **facts)
+        self.keys = list(keys or [])
+        self.path = path
 
 
 class RemoteTraceback(Exception):

@@ -35,6 +35,9 @@ EXAMPLES = re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
 # The pool guide's examples are held to the same rule.
 POOL_GUIDE = README.parent / "docs" / "pool.md"
 GUIDE_EXAMPLES = re.findall(r"```python\n(.*?)```", POOL_GUIDE.read_text(), flags=re.S)
+# So are the ledger guide's, each run in a directory of its own (they write ledgers).
+LEDGER_GUIDE = README.parent / "docs" / "ledger.md"
+LEDGER_EXAMPLES = re.findall(r"```python\n(.*?)```", LEDGER_GUIDE.read_text(), flags=re.S)
 
 # Comments of README print lines that say something other than the value printed.
 PROSE = {
@@ -61,11 +64,13 @@ exec(compile(sys.argv[1], {_FILENAME!r}, "exec"), vars(sys.modules["__main__"]))
 """
 
 
-def run_example(code: str) -> tuple[list[tuple[int, str]], list[str]]:
-    """Run ``code`` in a fresh interpreter; return what its prints printed, as (line, text),
-    and any other line of standard output.  Fails the test if the example fails."""
+def run_example(code: str, cwd: pathlib.Path | None = None
+                ) -> tuple[list[tuple[int, str]], list[str]]:
+    """Run ``code`` in a fresh interpreter (in ``cwd``); return what its prints printed, as
+    (line, text), and any other line of standard output.  Fails the test if the example
+    fails."""
     result = subprocess.run([sys.executable, "-c", _RUNNER, code], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, cwd=cwd)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     printed, other = [], []
@@ -183,6 +188,14 @@ def check_prints(code: str, printed: list[tuple[int, str]], other: list[str]) ->
                          + [f"pool-guide{i}" for i in range(len(GUIDE_EXAMPLES))])
 def test_readme_example_prints_what_its_comments_say(code: str) -> None:
     printed, other = run_example(code)
+    assert check_prints(code, printed, other) == []
+
+
+@pytest.mark.parametrize("code", LEDGER_EXAMPLES,
+                         ids=[f"ledger-guide{i}" for i in range(len(LEDGER_EXAMPLES))])
+def test_ledger_guide_example_prints_what_its_comments_say(code: str,
+                                                           tmp_path: pathlib.Path) -> None:
+    printed, other = run_example(code, cwd=tmp_path)
     assert check_prints(code, printed, other) == []
 
 

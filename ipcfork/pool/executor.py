@@ -156,7 +156,10 @@ class ForkPool(Executor):
 
     def imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any], *,
                        in_flight: int | None = None, chunksize: int | None = None,
-                       progress: bool = False) -> Iterator[Any]:
+                       progress: bool = False, ledger: Any = None,
+                       key: Callable[[Any], Any] | None = None,
+                       fingerprint: Callable[[Any], Any] | None = None,
+                       uncertain: str = "rerun", retry_failed: bool = True) -> Iterator[Any]:
         """Yield ``fn(item)`` for each item as results arrive, in completion order.
 
         The input is consumed lazily: at most ``in_flight`` items are in flight at a time
@@ -169,8 +172,17 @@ class ForkPool(Executor):
         cancelled when the iterator is closed.  ``progress=True`` shows a progress bar (tqdm
         when installed).  Raises InvalidArgumentError for a bad ``in_flight`` or
         ``chunksize``.
+
+        ``ledger=PATH`` (or an ``ipcfork.Ledger``) makes the batch resumable; ``key``,
+        ``fingerprint``, ``uncertain`` and ``retry_failed`` go with it: see
+        docs/ledger.md.  Each item is then its own task unless ``chunksize`` says
+        otherwise (no adaptive batches), and recorded results may come first.
         """
-        results = self._imap_unordered(fn, iterable, in_flight, chunksize)
+        if ledger is not None:
+            results = self._ledger(fn, (iterable,), False, chunksize or 1, in_flight,
+                                   ledger, key, fingerprint, uncertain, retry_failed)
+        else:
+            results = self._imap_unordered(fn, iterable, in_flight, chunksize)
         if progress:
             total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
             return with_progress(results, total, getattr(fn, "__name__", "tasks"))
@@ -178,10 +190,7 @@ class ForkPool(Executor):
 
     def _imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any],
                         in_flight: int | None, chunksize: int | None) -> Iterator[Any]:
-        for value, what in ((in_flight, "in_flight"), (chunksize, "chunksize")):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise InvalidArgumentError(f"{what} must be an int >= 1, not {value!r}")
+        _check_sizes(in_flight, chunksize)
         options = self._options
         # Twice the workers (or their queues): a replacement is queued before the caller
         # takes a result, so the manager finds work waiting whenever a worker has room.
@@ -195,7 +204,10 @@ class ForkPool(Executor):
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int | None = None,
-            progress: bool = False) -> Iterator[Any]:
+            progress: bool = False, ledger: Any = None,
+            key: Callable[[Any], Any] | None = None,
+            fingerprint: Callable[[Any], Any] | None = None,
+            uncertain: str = "rerun", retry_failed: bool = True) -> Iterator[Any]:
         """Like :func:`map`, computed in children; results in input order.
 
         ``chunksize`` items go to a child at a time.  The default is 1 with fork-per-task
@@ -203,16 +215,27 @@ class ForkPool(Executor):
         even share per worker when the inputs have a length (as ``multiprocessing.Pool.map``
         does).  Raises the first failed item's exception when the iterator reaches it.
         ``progress=True`` shows a progress bar (tqdm when installed).
+
+        ``ledger=PATH`` (or an ``ipcfork.Ledger``) makes the batch resumable: the same
+        call made again after a crash yields the recorded results and runs only what is
+        missing (``key``, ``fingerprint``, ``uncertain``, ``retry_failed``: see
+        docs/ledger.md; ``timeout`` is not supported with it).
         """
-        results = self._map(fn, iterables, timeout, chunksize)
+        if ledger is not None:
+            if timeout is not None:
+                raise InvalidArgumentError("map(timeout=...) is not supported with ledger=; "
+                                           "use ForkPool(timeout=...) for a per-task limit")
+            results = self._ledger(fn, iterables, True, self._chunksize(iterables, chunksize),
+                                   None, ledger, key, fingerprint, uncertain, retry_failed)
+        else:
+            results = self._map(fn, iterables, timeout, chunksize)
         if progress:
             sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
             total = min(sizes) if len(sizes) == len(iterables) else None
             return with_progress(results, total, getattr(fn, "__name__", "tasks"))
         return results
 
-    def _map(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
-             timeout: float | None, chunksize: int | None) -> Iterator[Any]:
+    def _chunksize(self, iterables: tuple[Iterable[Any], ...], chunksize: int | None) -> int:
         if chunksize is None:
             chunksize = 1
             if self._options.persistent and all(hasattr(it, "__len__") for it in iterables):
@@ -220,6 +243,36 @@ class ForkPool(Executor):
                 chunksize = max(1, -(-total // (self.max_workers * 4)))
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise InvalidArgumentError(f"chunksize must be an int >= 1, not {chunksize!r}")
+        return chunksize
+
+    def _ledger(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
+                ordered: bool, chunksize: int, in_flight: int | None, ledger: Any,
+                key: Any, fingerprint: Any, uncertain: Any, retry_failed: Any
+                ) -> Iterator[Any]:
+        """A resumable batch (``ipcfork.ledger.batch``): arguments checked here, the
+        ledger opened at the first ``next``."""
+        from ..ledger.batch import LedgerOptions, ledger_results
+
+        options = LedgerOptions.check(ledger, key, fingerprint, uncertain, retry_failed)
+        if not callable(fn):
+            raise InvalidArgumentError(f"{fn!r} is not callable")
+        _check_sizes(in_flight, chunksize)
+        sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
+        total = min(sizes) if len(sizes) == len(iterables) else None
+        items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
+        manager, persistent = self._manager, self._options.persistent
+        # A deeper window than a plain stream's when forking per task: new tasks reach the
+        # pool only after their "started" rows are committed, and the pool must not run
+        # dry meanwhile (persistent workers have their queues for that).
+        return ledger_results(
+            manager.stream_task, lambda: manager.abort_signal is not None, fn, items,
+            options, star=len(iterables) > 1, chunksize=chunksize,
+            depth=self.max_workers * (2 * DEPTH if persistent else 4), in_flight=in_flight,
+            total=total, ordered=ordered)
+
+    def _map(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
+             timeout: float | None, chunksize: int | None) -> Iterator[Any]:
+        chunksize = self._chunksize(iterables, chunksize)
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
         if len(iterables) == 1:  # items as they are: no 1-tuples to build, pickle, unpack
@@ -247,6 +300,13 @@ class ForkPool(Executor):
         """Stop at once (called from the signal handler): no new forks, children terminated
         and reaped before this returns (see ``Manager.abort`` for the bound on the wait)."""
         self._manager.abort(signum, kill_now)
+
+
+def _check_sizes(in_flight: int | None, chunksize: int | None) -> None:
+    for value, what in ((in_flight, "in_flight"), (chunksize, "chunksize")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise InvalidArgumentError(f"{what} must be an int >= 1, not {value!r}")
 
 
 @atexit.register

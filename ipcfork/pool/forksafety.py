@@ -36,8 +36,8 @@ from types import FrameType, ModuleType
 
 from ..errors import ForkSafetyWarning
 
-__all__ = ["RESCAN_INTERVAL", "Connection", "ForkSafety", "inherited_connections",
-           "web_server"]
+__all__ = ["EXEMPT_FILES", "RESCAN_INTERVAL", "Connection", "ForkSafety",
+           "inherited_connections", "web_server"]
 
 # Seconds between two descriptor scans of one pool.  Why not "rescan when the fd table
 # changed": nothing tells that cheaply.  A count (st_size of /proc/self/fd on Linux 6.2+)
@@ -45,6 +45,10 @@ __all__ = ["RESCAN_INTERVAL", "Connection", "ForkSafety", "inherited_connections
 # two forks; comparing the tables needs the scan itself.  A connection opened before the
 # pool (the rule's case) is named at the first fork; one opened later, within a second.
 RESCAN_INTERVAL = 1.0
+
+# Files ipcfork itself keeps open across forks on purpose, as (st_dev, st_ino): a resumable
+# batch's ledger, which only the parent ever uses (``ipcfork.ledger``), so not reported.
+EXEMPT_FILES: set[tuple[int, int]] = set()
 
 _SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database
 _SQLITE_MIN_SIZE = 512  # the smallest page: a database with its header has one
@@ -175,7 +179,7 @@ def _sqlite_database(fd: int, info: os.stat_result) -> Connection | None:
     # SQLite: a database connection must not be carried across a fork (the child's
     # locks and cache lie about the file, and writes from both sides corrupt it).  The
     # size test also skips /proc files (size 0), whose reads may block.
-    if info.st_size < _SQLITE_MIN_SIZE:
+    if info.st_size < _SQLITE_MIN_SIZE or (info.st_dev, info.st_ino) in EXEMPT_FILES:
         return None
     try:
         if os.pread(fd, len(_SQLITE_HEADER), 0) != _SQLITE_HEADER:

@@ -49,13 +49,17 @@ class StreamTask:
     queue as ``(task, ok, value)``.  Only the manager thread resolves it; the stream's own
     thread only cancels it, when the stream is closed early."""
 
-    __slots__ = ("_sink", "_state", "record")
+    __slots__ = ("_claim", "_sink", "_state", "record")
 
     def __init__(self, task_id: int, sink: queue.SimpleQueue[tuple[StreamTask, bool, Any]]
                  ) -> None:
         self.record = TaskRecord(task_id)
         self._sink = sink
         self._state = "pending"
+        # Starting and cancelling each take the one token; list.pop is atomic under the
+        # GIL, so exactly one of them wins even when they race (a resumable batch relies
+        # on it: a task it cancelled must never have run).
+        self._claim = [True]
 
     def running(self) -> bool:
         return self._state == "running"
@@ -64,21 +68,25 @@ class StreamTask:
         return self._state in ("finished", "cancelled")
 
     def set_running_or_notify_cancel(self) -> bool:
-        if self._state == "cancelled":
+        try:
+            self._claim.pop()
+        except IndexError:  # cancelled first
             return False
         self._state = "running"
         return True
 
     def cancel(self) -> bool:
-        # A cancel racing the manager's start may lose; its ending then lands in a queue
-        # nobody reads any more, which is all a closed stream needs.
-        if self._state == "pending":
-            self._state = "cancelled"
-            self.record.outcome = "cancelled"
-            # The stream learns of it as of any ending (a pool stopped under it).
-            self._sink.put((self, False, CancelledError("the task was cancelled")))
-            return True
-        return self._state == "cancelled"
+        # A cancel that loses the race to the manager's start returns False: the task runs
+        # and its ending lands in the sink (read or not by the stream).
+        try:
+            self._claim.pop()
+        except IndexError:
+            return self._state == "cancelled"
+        self._state = "cancelled"
+        self.record.outcome = "cancelled"
+        # The stream learns of it as of any ending (a pool stopped under it).
+        self._sink.put((self, False, CancelledError("the task was cancelled")))
+        return True
 
     def cancelled(self) -> bool:
         return self._state == "cancelled"

@@ -1,0 +1,166 @@
+"""The service's pidfile: written atomically, locked for the service's lifetime, removed at
+exit, taken over when the service that wrote it is dead.
+
+The lock is a POSIX record lock (``fcntl`` ``F_SETLK``) on the file that the path names.
+Such a lock belongs to the process, not to an open file, so the workers the supervisor forks
+do not inherit it, and the kernel drops it when the supervisor dies, however it dies (a
+SIGKILLed service leaves a file whose lock is free: that is what "stale" means here, not a
+guess from the pid, which the kernel may have reused).  ``F_GETLK`` names the holder
+without taking the lock, which is how ``ipcfork status`` and a refused second service learn
+the live pid.
+
+Writing is atomic: the content goes into a temporary file in the same directory, which is
+locked and then renamed over the path, so a reader never sees a half-written pid.  Whoever
+locks the old file checks afterwards that the path still names it (an ``fstat``/``stat``
+inode comparison) and starts again if not, so two services racing for a stale pidfile cannot
+both win.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+
+from ..errors import InvalidArgumentError, ServiceError, ServiceRunningError, UnsafeObjectError
+
+__all__ = ["Pidfile", "lock_holder", "read_pid"]
+
+# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len,
+# pid_t l_pid, padded to the alignment of off_t ("0q").
+_FLOCK = "hhqqi0q"
+_ATTEMPTS = 10
+
+
+def read_pid(path: str) -> int | None:
+    """The pid written in ``path``, or None if the file is missing, empty or not a pid."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as file:
+            text = file.read(32).strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def lock_holder(path: str) -> int | None:
+    """The pid of the process that holds the lock on ``path`` (None if nobody does or the file
+    is missing).  Tests the lock without taking it, so a starting service is never refused
+    because somebody looked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return _holder(fd)
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> int | None:
+    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    kind, _, _, _, pid = struct.unpack(_FLOCK, answer)
+    return None if kind == fcntl.F_UNLCK else int(pid)
+
+
+def _check_safe(fd: int, path: str, allow_foreign: bool) -> None:
+    info = os.fstat(fd)
+    if allow_foreign:
+        return
+    if info.st_uid != os.geteuid():
+        raise UnsafeObjectError(
+            f"pidfile {path} belongs to uid {info.st_uid}, not to this user "
+            f"(uid {os.geteuid()}); pass allow_foreign=True to use it anyway", obj=path)
+    if info.st_mode & 0o022:
+        raise UnsafeObjectError(
+            f"pidfile {path} is writable by others (mode {info.st_mode & 0o777:o}); "
+            "fix its mode or pass allow_foreign=True", obj=path)
+
+
+class Pidfile:
+    """One service's pidfile at ``path`` (made absolute, so a later ``chdir`` changes
+    nothing).  Raises InvalidArgumentError when the directory does not exist."""
+
+    def __init__(self, path: str | os.PathLike[str], *, allow_foreign: bool = False) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            raise InvalidArgumentError(f"pidfile {self.path}: directory {directory} does not "
+                                       "exist")
+        self._allow_foreign = allow_foreign
+        self._fd: int | None = None
+        self._inode: tuple[int, int] | None = None
+
+    def acquire(self) -> int | None:
+        """Lock the pidfile and write this process's pid into it.  Returns the pid a dead
+        service left in it (a stale pidfile taken over), else None.
+
+        Raises ServiceRunningError naming the live pid when another service holds it,
+        UnsafeObjectError when the file belongs to another user or others can write it,
+        and ServiceError when the path keeps being replaced under us.
+        """
+        for _ in range(_ATTEMPTS):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                _check_safe(fd, self.path, self._allow_foreign)
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    holder = _holder(fd) or read_pid(self.path)
+                    raise ServiceRunningError(
+                        f"pidfile {self.path} is held by a running service (pid {holder}); "
+                        "stop it first or choose another pidfile", obj=self.path,
+                        pid=holder) from None
+                if not self._still_named(fd):
+                    continue  # replaced while we locked it: lock the new one instead
+                stale = read_pid(self.path)
+                self._replace_with_ours(fd)
+                return stale if stale != os.getpid() else None
+            finally:
+                os.close(fd)  # the lock on the old file goes with it; ours is on the new one
+        raise ServiceError(f"pidfile {self.path} keeps being replaced; is another program "
+                           "writing it?", obj=self.path)
+
+    def _still_named(self, fd: int) -> bool:
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _replace_with_ours(self, locked_fd: int) -> None:
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, f"{os.getpid()}\n".encode())
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else has it
+            os.rename(temporary, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        info = os.fstat(fd)
+        self._fd, self._inode = fd, (info.st_dev, info.st_ino)
+
+    @property
+    def fd(self) -> int | None:
+        """The descriptor that holds the lock (None before :meth:`acquire`)."""
+        return self._fd
+
+    def release(self) -> None:
+        """Remove the pidfile if it is still ours, then drop the lock.  Harmless twice."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            named = os.stat(self.path)
+            if (named.st_dev, named.st_ino) == self._inode:
+                os.unlink(self.path)  # before unlocking: nobody can lock a file we remove
+        os.close(self._fd)
+        self._fd = None
