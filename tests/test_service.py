@@ -93,6 +93,18 @@ def test_backoff_doubles_for_a_slot_that_keeps_dying(start: Start) -> None:
     assert service.wait() == 0
 
 
+def test_quick_deaths_in_a_row_stop_a_one_worker_service(start: Start) -> None:
+    """With one worker the backoff spaces exits apart (0.1 s, 0.2 s, ...), so a window of
+    0.05 s never holds two of them; the deaths in a row still make a crash loop."""
+    def exits(ctx: WorkerContext) -> None:
+        os._exit(9)
+
+    service = start(exits, workers=1, max_restarts=2, restart_window=0.05)
+    assert service.wait() == EXIT_CRASH_LOOP
+    assert ("CrashLoopError: crash loop: worker 0 died 3 times in a row, each within 10 s of "
+            "its start (max_restarts=2); the last: worker 0") in service.log()
+
+
 def test_crash_loop_stops_the_service_and_says_why(start: Start) -> None:
     def exits(ctx: WorkerContext) -> None:
         os._exit(7)
@@ -118,16 +130,17 @@ def test_silent_worker_is_terminated_and_replaced(start: Start, tmp_path: Path) 
                 time.sleep(3600)
         steady(ctx)
 
-    service = start(hangs_once, workers=2, heartbeat_timeout=0.5, drain_timeout=0.3)
+    # 2 s: the healthy worker (a beat every 20 ms) is never that late, even on a loaded host.
+    service = start(hangs_once, workers=2, heartbeat_timeout=2.0, drain_timeout=0.3)
     started, _ = service.notify.wait_for("READY=1")
     service.notify.wait_for("STATUS=1 of 2 workers running")
     noticed = time.monotonic()
     service.notify.wait_for("STATUS=2 of 2 workers running")
-    assert noticed - started >= 0.5  # not before the heartbeat_timeout
+    assert noticed - started >= 2.0  # not before the heartbeat_timeout
     hung = int(marker.read_text())
     log = service.log()
     assert re.search(rf"worker 0 \(pid {hung}\) was silent for [0-9.]+ s "
-                     r"\(heartbeat_timeout=0.5 s\) and was terminated", log), log
+                     r"\(heartbeat_timeout=2 s\) and was terminated", log), log
     assert f"worker 0 (pid {hung}) did not end in time: SIGKILL" in log
     assert hung not in [row["pid"] for row in service.running()]
     service.kill(signal.SIGTERM)
@@ -216,11 +229,13 @@ def test_drain_timeout_kills_a_worker_that_does_not_stop(start: Start) -> None:
     assert "did not end in time: SIGKILL" in service.log()
 
 
-def test_sigint_stops_fast_even_with_a_long_drain_timeout(start: Start) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT])
+def test_sigint_and_sigquit_stop_fast_even_with_a_long_drain_timeout(start: Start,
+                                                                     signum: int) -> None:
     service = start(stubborn, workers=2, drain_timeout=60.0)
     service.notify.wait_for("READY=1")
     began = time.monotonic()
-    service.kill(signal.SIGINT)
+    service.kill(signum)
     assert service.wait() == 0
     assert time.monotonic() - began < 10.0  # about a second; never the 60 s drain
     assert "fast stop: 2 workers to end within 0.5 s" in service.log()
@@ -314,7 +329,9 @@ def test_a_listener_that_stops_reading_never_blocks_the_supervisor(start: Start)
     service.kill(signal.SIGTERM)
     assert service.wait() == 0
     log = service.log()
-    assert log.count("cannot notify") == 1, log
+    # Whether a datagram was refused depends on the host's net.unix.max_dgram_qlen (10 by
+    # default): with room for all, none is; either way a refusal is logged once at most.
+    assert log.count("cannot notify") <= 1, log
 
 
 def test_an_idle_worker_waiting_in_ctx_wait_stops_at_once(start: Start, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -136,8 +137,8 @@ def test_a_second_service_is_refused_then_a_stale_pidfile_is_taken_over(
     third = start(steady, workers=1, pidfile=pidfile)
     third.notify.wait_for("READY=1")
     assert Path(pidfile).read_text() == f"{third.pid}\n"
-    assert (f"took over pidfile {pidfile} left by pid {first.pid}, which is no longer "
-            "running") in third.log()
+    assert (f"took over pidfile {pidfile}: pid {first.pid}, written in it, no longer holds "
+            "its lock\n") in third.log()
     # The dead service's status table went with the takeover.
     assert f"ipcfork.service.{first.pid}" in before.dev_shm
     assert f"ipcfork.service.{first.pid}" not in snapshot().dev_shm
@@ -197,12 +198,12 @@ def test_status_of_a_stale_pidfile_says_so(tmp_path: Path,
     pidfile = tmp_path / "stale.pid"
     pidfile.write_text("999999999\n")
     assert main(["status", str(pidfile)]) == 3
-    assert capsys.readouterr().out == (f"not running (stale pidfile: pid 999999999 is not "
-                                       f"running): {pidfile}\n")
+    assert capsys.readouterr().out == (f"not running (stale pidfile: pid 999999999 does not "
+                                       f"hold it): {pidfile}\n")
     assert main(["status", str(pidfile), "--json"]) == 3
     assert json.loads(capsys.readouterr().out) == {
         "running": False, "pidfile": str(pidfile),
-        "reason": "stale pidfile: pid 999999999 is not running"}
+        "reason": "stale pidfile: pid 999999999 does not hold it"}
 
 
 _SERVE_MODULE = """
@@ -305,3 +306,137 @@ def test_the_guides_first_example_prints_what_the_guide_says(tmp_path: Path) -> 
     expected = claimed.splitlines()
     assert sorted(printed[:-1]) == expected[:-1]  # the workers, in either order
     assert printed[-1] == expected[-1]
+
+
+def _race_for(path: Path, contenders: int) -> list[int]:
+    """``contenders`` processes try to take the pidfile at once and hold it until all have
+    tried; returns each one's verdict (0: took it, 1: refused)."""
+    from ipcfork.service.pidfile import Pidfile
+
+    verdicts_r, verdicts_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pids = []
+    for _ in range(contenders):
+        pid = os.fork()
+        if pid == 0:
+            code = 2
+            try:
+                os.close(verdicts_r)
+                os.close(release_w)
+                pidfile = Pidfile(path)
+                try:
+                    pidfile.acquire()
+                    verdict = 0
+                except ServiceRunningError:
+                    verdict = 1
+                os.write(verdicts_w, str(verdict).encode())
+                os.read(release_r, 1)  # hold it until every contender has tried
+                if verdict == 0:
+                    pidfile.release()
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    os.close(verdicts_w)
+    os.close(release_r)
+    verdicts = []
+    with os.fdopen(verdicts_r, "rb") as results:
+        while len(verdicts) < contenders:
+            byte = results.read(1)
+            assert byte, "a contender died without a verdict"
+            verdicts.append(int(byte))
+    os.close(release_w)
+    for pid in pids:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    return verdicts
+
+
+@pytest.mark.timeout(120)
+def test_racing_for_a_stale_pidfile_has_exactly_one_winner(tmp_path: Path) -> None:
+    for trial in range(150):
+        path = tmp_path / f"race{trial}.pid"
+        path.write_text("999999999\n")  # stale: written by a dead service, lock free
+        path.chmod(0o600)
+        verdicts = _race_for(path, 6)
+        assert sorted(verdicts) == [0, 1, 1, 1, 1, 1], (trial, verdicts)
+        assert not path.exists()  # the winner removed it
+
+
+def test_a_takeover_spares_the_status_table_of_a_live_pid(start: Start, tmp_path: Path) -> None:
+    other = start(steady, workers=1)  # a live service that does not use the pidfile
+    other.notify.wait_for("READY=1")
+    pidfile = tmp_path / "reused.pid"
+    pidfile.write_text(f"{other.pid}\n")  # stale, but its pid is alive (as after reuse)
+    pidfile.chmod(0o600)
+    taker = start(steady, workers=1, pidfile=str(pidfile))
+    taker.notify.wait_for("READY=1")
+    assert (f"pid {other.pid}, written in it, no longer holds its lock (that pid now belongs "
+            "to another process)") in taker.log()
+    assert other.summary()["pid"] == other.pid  # its table is still there
+    for service in (taker, other):
+        service.kill(signal.SIGTERM)
+        assert service.wait() == 0
+
+
+@pytest.mark.timeout(120)
+def test_signals_during_setup_never_leave_a_pidfile_or_a_table(start: Start,
+                                                               tmp_path: Path) -> None:
+    """SIGHUP, SIGUSR1 and SIGTTIN at random moments of a starting service, then SIGTERM:
+    whenever the service got as far as its pidfile, it stops and removes everything."""
+    import random
+
+    rng = random.Random(7)
+    for trial in range(25):
+        pidfile = tmp_path / f"setup{trial}.pid"
+        service = start(steady, workers=1, pidfile=str(pidfile))
+        time.sleep(rng.uniform(0, 0.03))  # a random moment of the start, not a synchronisation
+        for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN):
+            os.kill(service.pid, signum)
+        if not pidfile.exists():  # killed before run() began (default actions): fine
+            os.kill(service.pid, signal.SIGKILL)
+        else:
+            os.kill(service.pid, signal.SIGTERM)
+        service.wait()
+        assert not pidfile.exists(), (trial, service.log())
+        assert f"ipcfork.service.{service.pid}" not in snapshot().dev_shm, trial
+
+
+def test_signals_during_the_teardown_are_dropped_and_everything_is_removed(
+        start: Start, tmp_path: Path) -> None:
+    out = tmp_path / "stubborn"
+    termed_r, termed_w = os.pipe()  # the grandchild writes to it when the sweep TERMs it
+    stubborn_code = ("import os, signal, sys, time\n"
+                     "fd = int(sys.argv[1])\n"
+                     "signal.signal(signal.SIGTERM, lambda *_: os.write(fd, b'T'))\n"
+                     "print(flush=True)\n"
+                     "while True: time.sleep(3600)\n")
+
+    def leaves_a_stubborn_grandchild(ctx: WorkerContext) -> None:
+        child = subprocess.Popen([sys.executable, "-c", stubborn_code, str(termed_w)],
+                                 stdout=subprocess.PIPE, pass_fds=(termed_w,))
+        assert child.stdout is not None
+        child.stdout.readline()  # its TERM handler is in place from here on
+        out.write_text(str(child.pid))
+        steady(ctx)
+
+    pidfile = tmp_path / "teardown.pid"
+    service = start(leaves_a_stubborn_grandchild, workers=1, pidfile=str(pidfile))
+    service.notify.wait_for("READY=1")
+    deadline = time.monotonic() + 20
+    while not out.exists():  # the worker reports its grandchild (file polling, bounded)
+        assert time.monotonic() < deadline, service.log()
+        time.sleep(0.01)
+    stubborn = int(out.read_text())
+    os.close(termed_w)
+    service.kill(signal.SIGTERM)
+    # The worker ends at once; the grandchild survives the sweep's TERM (and says so), so
+    # the sweep waits its grace (1 s): the signals sent now land in the teardown.
+    ready, _, _ = select.select([termed_r], [], [], 20)
+    assert ready and os.read(termed_r, 1) == b"T", service.log()
+    os.close(termed_r)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN):
+        service.kill(signum)
+    assert service.wait() == 0, service.log()
+    assert not pidfile.exists()
+    assert f"ipcfork.service.{service.pid}" not in snapshot().dev_shm
+    assert wait_gone([stubborn], timeout=1.0) == []

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from ..errors import IpcforkError
+from ..errors import IpcforkError, ObjectNotFoundError
 from .pidfile import lock_holder, read_pid
 from .report import status_lines
 
@@ -71,12 +71,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from .status import StatusTable
 
-    pid = read_pid(args.pidfile)
+    # The lock's holder is the truth: the content may be mid-replace while a service
+    # starts, or name a pid that died (and may have been reused) when the lock is free.
     holder = lock_holder(args.pidfile)
-    if pid is None or holder is None:
-        why = ("no pidfile" if pid is None and not os.path.exists(args.pidfile) else
+    if holder is None:
+        pid = read_pid(args.pidfile)
+        why = ("no pidfile" if not os.path.exists(args.pidfile) else
                "no pid in the pidfile" if pid is None else
-               f"stale pidfile: pid {pid} is not running")
+               f"stale pidfile: pid {pid} does not hold it")
         if args.json:
             print(json.dumps({"running": False, "pidfile": args.pidfile, "reason": why}))
         else:
@@ -84,6 +86,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return EXIT_NOT_RUNNING
     try:
         table = StatusTable.open(holder)
+    except ObjectNotFoundError:  # locked the pidfile, not yet made its table: starting
+        starting: dict[str, object] = {
+            "name": None, "pid": holder, "state": "starting", "generation": 0,
+            "workers_wanted": 0, "uptime": 0.0, "restarts": 0, "workers": []}
+        if args.json:
+            print(json.dumps({"running": True, "pidfile": args.pidfile, **starting}))
+        else:
+            print(f"service (pid {holder}): starting")
+        return 0
     except IpcforkError as exc:
         print(f"ipcfork status: pid {holder} holds {args.pidfile} but its status table "
               f"cannot be read: {exc}", file=sys.stderr)

@@ -72,8 +72,10 @@ def start_sentinel() -> Sentinel:
         try:
             os.close(write_end)
             os.setpgid(0, 0)
+            # Only the pipe ends it: INT and TERM ignored; the supervisor's other signals
+            # stay blocked, as they were at the fork (only SIGKILL could end it besides).
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only the pipe ends it
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.set_wakeup_fd(-1)
             while os.read(read_end, 1):
                 pass
@@ -122,9 +124,23 @@ def reap_any() -> list[tuple[int, int]]:
 
 
 def _signal_all(pids: list[int], signum: int) -> None:
+    """Signal each of ``pids`` that is still the process we listed.  Between the /proc walk
+    and the kill, a grandchild can be reaped by its own parent and its pid reused, so each
+    is pinned with a pidfd first and checked to still descend from us (its parent is us or
+    another listed process) before the signal goes through the pidfd."""
+    family = {os.getpid(), *pids}
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if int(stat_fields(pid)[1]) in family:
+                signal.pidfd_send_signal(pidfd, signum)
+        except (OSError, IndexError, ValueError):
+            pass  # gone since: nothing to signal
+        finally:
+            os.close(pidfd)
 
 
 def sweep(sentinel: Sentinel | None, grace: float) -> list[tuple[int, int]]:

@@ -34,14 +34,21 @@ _FLOCK = "hhqqi0q"
 _ATTEMPTS = 10
 
 
+def _parse_pid(raw: bytes) -> int | None:
+    text = raw.decode("ascii", errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
 def read_pid(path: str) -> int | None:
-    """The pid written in ``path``, or None if the file is missing, empty or not a pid."""
+    """The pid written in ``path``, or None if the file is missing, empty or not a pid.
+
+    Never call it in the process that holds the pidfile: the close would drop the lock.
+    """
     try:
-        with open(path, encoding="ascii", errors="replace") as file:
-            text = file.read(32).strip()
+        with open(path, "rb") as file:
+            return _parse_pid(file.read(32))
     except FileNotFoundError:
         return None
-    return int(text) if text.isdigit() else None
 
 
 def lock_holder(path: str) -> int | None:
@@ -99,7 +106,11 @@ class Pidfile:
 
         Raises ServiceRunningError naming the live pid when another service holds it,
         UnsafeObjectError when the file belongs to another user or others can write it,
-        and ServiceError when the path keeps being replaced under us.
+        ServiceError when the path keeps being replaced under us, and OSError when the
+        directory cannot be written.
+
+        While the lock is held, nothing in this process may open and close the pidfile's
+        path (:func:`read_pid` included): the close would drop the lock.
         """
         for _ in range(_ATTEMPTS):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -117,7 +128,10 @@ class Pidfile:
                         pid=holder) from None
                 if not self._still_named(fd):
                     continue  # replaced while we locked it: lock the new one instead
-                stale = read_pid(self.path)
+                # Read through the locked descriptor: opening and closing the path again
+                # would drop this process's lock on it (POSIX record locks are per process
+                # and file, and go with the first close), and a racer could take it.
+                stale = _parse_pid(os.pread(fd, 32, 0))
                 self._replace_with_ours(fd)
                 return stale if stale != os.getpid() else None
             finally:
@@ -135,6 +149,8 @@ class Pidfile:
 
     def _replace_with_ours(self, locked_fd: int) -> None:
         temporary = f"{self.path}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):  # left by a dead process of our pid
+            os.unlink(temporary)
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.fchmod(fd, 0o600)  # whatever the umask

@@ -5,7 +5,9 @@
   before dying puts its slot back to the first delay: it was not part of a crash loop.
 - **Crash loop:** more than ``max_restarts`` unrequested exits, in any slots, within
   ``restart_window`` seconds stop the service (:class:`~ipcfork.CrashLoopError`) instead of
-  forking doomed workers for ever.
+  forking doomed workers for ever.  So do more than ``max_restarts`` quick deaths in a row
+  of one slot (each within ``STEADY_SECONDS`` of its start): with one worker, the backoff
+  soon spaces exits further apart than any window, and a broken unit must still stop.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ class RestartPolicy:
         self.restart_window = restart_window
         self._recent: deque[float] = deque()
         self._delays: dict[int, float] = {}
+        self._streaks: dict[int, int] = {}  # slot -> quick deaths in a row
         self.total = 0
+        self.reason = ""  # which rule made the last crash loop
 
     def record_exit(self, slot: int, lived: float, now: float) -> float | None:
         """A worker of ``slot`` that ran ``lived`` seconds ended without being asked to.
@@ -37,7 +41,16 @@ class RestartPolicy:
         self._recent.append(now)
         while self._recent and self._recent[0] < now - self.restart_window:
             self._recent.popleft()
+        streak = 1 if lived >= STEADY_SECONDS else self._streaks.get(slot, 0) + 1
+        self._streaks[slot] = streak
         if len(self._recent) > self.max_restarts:
+            self.reason = (f"{len(self._recent)} worker exits within "
+                           f"{self.restart_window:g} s (max_restarts={self.max_restarts})")
+            return None
+        if streak > self.max_restarts:
+            self.reason = (f"worker {slot} died {streak} times in a row, each within "
+                           f"{STEADY_SECONDS:g} s of its start (max_restarts="
+                           f"{self.max_restarts})")
             return None
         previous = self._delays.get(slot)
         if previous is None or lived >= STEADY_SECONDS:

@@ -102,7 +102,7 @@ class Supervisor:
         self.signals: list[int] = []
         self.ready = False
         self.last_status = ""
-        self.notifier = Notifier()
+        self.notifier = Notifier({})  # a no-op until run() makes the real one
         self.next_watchdog = time.monotonic()
         self.pid = os.getpid()
         self.table: StatusTable
@@ -115,11 +115,37 @@ class Supervisor:
     # -- set up and tear down -----------------------------------------------------------
 
     def run(self) -> None:
-        """See :meth:`Service.run`."""
+        """See :meth:`Service.run`.
+
+        The handled signals are blocked while the supervisor sets itself up and tears itself
+        down, so a signal in those windows can neither kill it half-made (leaving a pidfile
+        or a status table) nor reach a handler that is gone; one that arrives during the
+        teardown is dropped (the service is stopping anyway).
+        """
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("Service.run() must be called from the main thread "
                                "(it installs signal handlers)")
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            self._run_with_signals_blocked()
+        finally:
+            while signal.sigtimedwait(_HANDLED, 0) is not None:
+                pass  # arrived during the teardown: the stop they could ask for is done
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        if self.failure is not None:
+            raise CrashLoopError(self.failure)
+        _log.info("service %s stopped", self.service.name)
+
+    def _run_with_signals_blocked(self) -> None:
         with contextlib.ExitStack() as undo:
+            # Registered first, so undone last: the handlers stay until everything else is.
+            for signum in _HANDLED:
+                undo.callback(signal.signal, signum, signal.signal(signum, self._on_signal))
+            self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            undo.callback(os.close, self.wake_r)
+            undo.callback(os.close, self.wake_w)
+            previous_wakeup = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+            undo.callback(signal.set_wakeup_fd, previous_wakeup)
             was_reaper = descendants.set_subreaper(True)
             undo.callback(descendants.set_subreaper, was_reaper)
             if self.service.pidfile is not None:
@@ -129,26 +155,32 @@ class Supervisor:
                 undo.callback(self.pidfile.release)
                 if stale is not None:
                     self._forget_dead_service(stale)
+            self.notifier = Notifier()
+            undo.callback(self.notifier.close)
             self.table = StatusTable.create(self.service.name)
             undo.callback(self.table.close)
             self.sentinel = descendants.start_sentinel()
             undo.callback(self._sweep)
-            self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            undo.callback(os.close, self.wake_r)
-            undo.callback(os.close, self.wake_w)
-            previous_wakeup = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-            undo.callback(signal.set_wakeup_fd, previous_wakeup)
-            for signum in _HANDLED:
-                undo.callback(signal.signal, signum, signal.signal(signum, self._on_signal))
-            undo.callback(self.notifier.close)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+            undo.callback(signal.pthread_sigmask, signal.SIG_BLOCK, _HANDLED)  # undone first
             self._loop()
-        if self.failure is not None:
-            raise CrashLoopError(self.failure)
-        _log.info("service %s stopped", self.service.name)
 
     def _forget_dead_service(self, pid: int) -> None:
-        _log.warning("took over pidfile %s left by pid %d, which is no longer running",
-                     self.service.pidfile, pid)
+        """A stale pidfile named ``pid``: remove that service's status table, unless the pid
+        is alive (reused by another process, perhaps another service that owns it)."""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        else:
+            alive = True
+        _log.warning("took over pidfile %s: pid %d, written in it, no longer holds its lock%s",
+                     self.service.pidfile, pid, " (that pid now belongs to another process)"
+                     if alive else "")
+        if alive:
+            return
         from ..shm import SharedMemory
 
         with contextlib.suppress(ObjectNotFoundError, OSError):
@@ -324,10 +356,8 @@ class Supervisor:
         self.slot_restarts[proc.slot] = self.slot_restarts.get(proc.slot, 0) + 1
         self.table.set_header(RESTARTS, self.policy.total)
         if delay is None:
-            self.failure = (
-                f"crash loop: {self.policy.recent()} worker exits within "
-                f"{self.service.restart_window:g} s (max_restarts={self.service.max_restarts}); "
-                f"the last: worker {proc.slot} (pid {proc.pid}) {how}")
+            self.failure = (f"crash loop: {self.policy.reason}; the last: worker {proc.slot} "
+                            f"(pid {proc.pid}) {how}")
             _log.error("%s; stopping the service", self.failure)
             self._begin_stop("fast", now)
             return
@@ -376,9 +406,14 @@ class Supervisor:
                        slot, FIRST_DELAY)
             self.pending[slot] = now + FIRST_DELAY
             return
+        # Blocked across the fork: the child must not run the supervisor's handlers (a
+        # signal meant for the new worker would be swallowed); it unblocks them once its
+        # own handlers are in place, and what arrived meanwhile is delivered then.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
             self.table.set_state(row, FREE)
             failed = Proc(0, slot, self.generation, row, now)
             self.pending.pop(slot, None)
@@ -391,7 +426,8 @@ class Supervisor:
                         self.sentinel.pipe if self.sentinel is not None else -1,
                         self.pidfile.fd if self.pidfile and self.pidfile.fd is not None else -1)
             run_worker(self.work, context, supervisor=self.pid, group=group,
-                       close_fds=tuple(fd for fd in keep_out if fd >= 0))
+                       close_fds=tuple(fd for fd in keep_out if fd >= 0), blocked=_HANDLED)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         if self.sentinel is not None:
             with contextlib.suppress(OSError):
                 os.setpgid(pid, self.sentinel.pid)  # the worker does it too: no race

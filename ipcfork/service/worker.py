@@ -26,11 +26,12 @@ __all__ = ["WorkerContext", "run_worker"]
 
 _log = logging.getLogger("ipcfork.service")
 EXIT_RAISED = 1
-# Signals meant for the supervisor that must not stop or kill a worker.  A Python handler
-# rather than SIG_IGN: handlers fall back to the default at exec, an ignored signal would
-# stay ignored in every program the worker runs.
-_SUPERVISOR_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
-                       signal.SIGUSR2)
+# Signals meant for the supervisor that must not kill a worker.  A Python handler rather
+# than SIG_IGN: handlers fall back to the default at exec, an ignored signal would stay
+# ignored in every program the worker runs.  SIGTTIN and SIGTTOU keep their default (stop):
+# caught, a read of the terminal from the workers' background group would be retried for
+# ever, each retry raising SIGTTIN again.
+_SUPERVISOR_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class WorkerContext:
@@ -61,7 +62,9 @@ class WorkerContext:
     def heartbeat(self) -> None:
         """Say "alive and making progress": stores the time in this worker's word of shared
         memory (no system call, no file) and counts one unit done.  A worker silent for
-        longer than the service's ``heartbeat_timeout`` is terminated and replaced."""
+        longer than the service's ``heartbeat_timeout`` is terminated and replaced.  Call
+        it from the worker process itself (its word has one writer), not from a process
+        the worker forked."""
         self._table.beat(self._row)
 
     def wait(self, timeout: float) -> bool:
@@ -115,6 +118,8 @@ def _set_up(ctx: WorkerContext, supervisor: int, group: int | None,
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTTIN, signal.SIG_DFL)
+    signal.signal(signal.SIGTTOU, signal.SIG_DFL)
     for signum in _SUPERVISOR_SIGNALS:
         signal.signal(signum, ctx._on_supervisor_signal)
     os.environ.pop("NOTIFY_SOCKET", None)
@@ -123,14 +128,17 @@ def _set_up(ctx: WorkerContext, supervisor: int, group: int | None,
 
 
 def run_worker(work: Callable[[WorkerContext], Any], ctx: WorkerContext, *, supervisor: int,
-               group: int | None, close_fds: tuple[int, ...]) -> NoReturn:
+               group: int | None, close_fds: tuple[int, ...],
+               blocked: tuple[int, ...] = ()) -> NoReturn:
     """In a freshly forked worker: die with the supervisor, join the service's process group,
     take the worker's signal handlers (TERM: finish the unit and return; INT: stop now),
     run ``work(ctx)`` and ``_exit``: 0 when it returned, 1 when it raised (the traceback is
-    logged), or the status of a SystemExit."""
+    logged), or the status of a SystemExit.  ``blocked``: the signals the supervisor
+    blocked across the fork, unblocked once the worker's own handlers are installed."""
     code = EXIT_RAISED
     try:
         _set_up(ctx, supervisor, group, close_fds)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)  # the fork was made with them
         work(ctx)
         code = 0
     except SystemExit as exc:
