@@ -5,7 +5,9 @@ Primitives (each over ``backend="posix"`` or ``backend="sysv"``, anonymous or na
 :class:`SharedMemory` and :class:`MessageQueue`; shared data: :class:`SharedCounter`,
 :class:`SharedValue`/:class:`SharedArray`, :class:`RateLimiter`.  :class:`ForkPool` runs
 callables in forked children (``ipcfork.pool``); :func:`collapse_hugepages` keeps forks from
-a big parent cheap; :class:`Service` supervises long-running workers (``ipcfork.service``).
+a big parent cheap; :class:`Service` supervises long-running workers (``ipcfork.service``);
+``backend="dask"`` (``pip install 'ipcfork[dask]'``) puts Mutex, Semaphore, SharedCounter and
+MessageQueue on a dask cluster (``ipcfork.dask``).
 Errors derive from :class:`IpcforkError`.
 """
 

@@ -146,6 +146,14 @@ class SharedCounter(CounterCore, ClosingContext):  # type: ignore[misc]  # Count
     when a named segment is not a SharedCounter.
     """
 
+    def __new__(cls, *args: Any, backend: str = "posix", **options: Any) -> SharedCounter:
+        if cls is SharedCounter and backend == "dask":  # ipcfork.dask: imported on first use
+            from .dask.counter import DaskCounter
+
+            cls = DaskCounter
+        counter: SharedCounter = super().__new__(cls)
+        return counter
+
     def __init__(self, initial: int = 0, name: str | os.PathLike[str] | None = None, *,
                  backend: str = "posix", create: bool = True, exclusive: bool = False,
                  allow_foreign: bool = False, proj: int | str = "i") -> None:

@@ -77,6 +77,13 @@ class MessageQueue(ClosingContext):
     foreign or missing objects.
     """
 
+    def __new__(cls, *args: Any, backend: str = "posix", **options: Any) -> MessageQueue:
+        if cls is MessageQueue and backend == "dask":  # ipcfork.dask: imported on first use
+            from .dask.queue import DaskQueue
+
+            return object.__new__(DaskQueue)
+        return object.__new__(cls)
+
     def __init__(
         self,
         name: str | os.PathLike[str] | None = None,

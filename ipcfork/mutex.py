@@ -42,6 +42,10 @@ class Mutex:
     def __new__(cls, name: str | os.PathLike[str] | None = None, *, backend: str = "posix",
                 **options: Any) -> Mutex:
         if cls is Mutex:
+            if backend == "dask":  # imported here: ``import ipcfork`` never imports dask
+                from .dask.locks import DaskMutex
+
+                return DaskMutex.__new__(DaskMutex, name, backend=backend, **options)
             check_backend(backend)
             if backend == "posix":
                 from ._mutex_posix import PosixMutex as implementation

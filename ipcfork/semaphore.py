@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from types import TracebackType
+from typing import Any
 
 from . import errors
 from ._common import check_count, describe, on_creator_exit, sysv_key_for
@@ -58,6 +59,13 @@ class Semaphore:
     object belongs to another user or is writable by others (unless ``allow_foreign``),
     ObjectExistsError / ObjectNotFoundError as ``exclusive`` / ``create`` demand.
     """
+
+    def __new__(cls, *args: Any, backend: str = "posix", **options: Any) -> Semaphore:
+        if cls is Semaphore and backend == "dask":  # ipcfork.dask: imported on first use
+            from .dask.locks import DaskSemaphore
+
+            return object.__new__(DaskSemaphore)
+        return object.__new__(cls)
 
     def __init__(
         self,

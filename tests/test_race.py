@@ -24,7 +24,8 @@ from ipcfork import InvalidArgumentError, race
 from ipcfork.race import report
 from ipcfork.race.command import parse_kill_every, parse_window
 
-LOCKS = [name for name, spec in race.GUARDS.items() if spec.kind == "lock" and not spec.broken]
+LOCKS = [name for name, spec in race.GUARDS.items()
+         if spec.kind == "lock" and not spec.broken and not spec.cluster]
 WINDOW = 50e-6  # with it, every unguarded worker rereads a stale value: losses are certain
 
 

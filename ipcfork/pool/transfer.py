@@ -69,8 +69,9 @@ def result_buffer(source: Any) -> memoryview:
 
     Inside a ForkPool task (any mode) the buffer is the task's outcome, already in shared
     memory: return it, or a numpy array made on it (``numpy.frombuffer(buf, dtype)``), or
-    a container holding such, and the parent gets a read-only memoryview (the numpy array)
-    over the same pages, valid until released or garbage-collected; the shared memory's
+    a container holding such, and the parent gets a read-only memoryview (a numpy array,
+    writable: nobody else maps the pages once the child is done) over the same pages,
+    valid until released or garbage-collected; the shared memory's
     name is gone as soon as the parent has it, so nothing is left behind whatever the
     parent keeps.  Do not write to the buffer after returning it.  Only the first buffer
     of a task is its outcome; a later one, or one made outside a pool task, is ordinary

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import IpcforkError
+from .cluster import CLUSTER_GUARDS, DEFAULT_CLUSTER_ITERATIONS, cluster_sweep, open_cluster
 from .crash import (
     CRASH,
     CRASH_GUARDS,
@@ -221,6 +222,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       metavar="DURATION", help=f"{CRASH}: no increment for this long and "
                       f"the guard is wedged, at most {MAX_STALL:g} s (default: "
                       f"{DEFAULT_STALL:g}s)")
+    race.add_argument("--cluster", metavar="ADDRESS",
+                      help="run the counter scenario across a dask cluster's workers "
+                           "(tcp://host:8786, or local for a LocalCluster), comparing "
+                           f"{', '.join(CLUSTER_GUARDS)} (default iterations: "
+                           f"{DEFAULT_CLUSTER_ITERATIONS})")
     race.add_argument("--json", action="store_true",
                       help="print one JSON document on stdout instead of tables")
     race.add_argument("--plot", metavar="FILE.png",
@@ -259,6 +265,21 @@ def _results(args: argparse.Namespace, config: dict[str, Any], guards: list[str]
                              on_start=progress.start)
 
 
+def _cluster_results(args: argparse.Namespace, config: dict[str, Any]) -> Iterator[RunResult]:
+    """``--cluster``: the counter scenario across a dask cluster (see ``cluster.py``)."""
+    parser: argparse.ArgumentParser = args.race_parser
+    if args.scenario != ["counter"] or args.window:
+        parser.error("--cluster runs the counter scenario only, without --window")
+    wrong = [g for g in config["guards"] if g not in CLUSTER_GUARDS]
+    if wrong:
+        parser.error(f"--cluster runs the guards {', '.join(CLUSTER_GUARDS)}, not "
+                     f"{', '.join(wrong)}")
+    with open_cluster(args.cluster, max(args.workers)) as client:
+        print(f"dask cluster {client.scheduler.address}: "
+              f"{len(client.scheduler_info()['workers'])} worker processes", file=sys.stderr)
+        yield from cluster_sweep(client, config["guards"], args.workers, config["iterations"])
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run ``ipcfork race`` with parsed ``args``; returns the exit status."""
     _check_plot(args)
@@ -273,6 +294,10 @@ def run_command(args: argparse.Namespace) -> int:
         "seed": args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big"),
         "lock_timeout": args.lock_timeout,
     }
+    if args.cluster is not None:
+        config["cluster"] = args.cluster
+        config["guards"] = list(dict.fromkeys(args.guard or CLUSTER_GUARDS))
+        config["iterations"] = args.iterations or DEFAULT_CLUSTER_ITERATIONS
     if not races:  # the race knobs would only mislead: crash has its own
         for key in ("guards", "iterations", "window", "lock_timeout"):
             del config[key]
@@ -287,7 +312,10 @@ def run_command(args: argparse.Namespace) -> int:
     # default action would end the process before any cleanup ran).
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        results.extend(_results(args, config, guards, crash_guards, progress))
+        if args.cluster is not None:
+            results.extend(_cluster_results(args, config))
+        else:
+            results.extend(_results(args, config, guards, crash_guards, progress))
     except (KeyboardInterrupt, _Terminated) as exc:
         progress.clear()
         print("ipcfork race: interrupted; workers stopped, nothing left behind",

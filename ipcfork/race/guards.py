@@ -16,6 +16,9 @@ Three kinds of guard:
 before ``fork`` is one open file description shared by the whole family, and ``flock`` locks
 belong to the description, so every worker "holds" the lock at once.
 
+``mutex-dask`` and ``counter-dask`` run only with ``ipcfork race --cluster`` (``cluster.py``),
+where the counter lives in a dask scheduler instead of shared memory.
+
 ``semaphore-sysv`` and ``posix-sem`` (``posix_ipc`` used directly, no ipcfork) are *extra*:
 they race like ``semaphore`` and are not in the default sweep of the race scenarios, but the
 ``crash`` scenario runs them by default (a holder's death leaves both taken).  A *robust*
@@ -69,6 +72,7 @@ class GuardSpec:
     broken: bool = False  # shown for contrast: it claims to guard but excludes nobody
     extra: bool = False  # run only when named (or by the crash scenario's defaults)
     robust: bool = False  # ipcfork promises it survives a holder's SIGKILL
+    cluster: bool = False  # runs only across a dask cluster (``--cluster``, ``cluster.py``)
 
     @property
     def guarded(self) -> bool:
@@ -92,6 +96,11 @@ GUARDS: dict[str, GuardSpec] = {spec.name: spec for spec in (
     GuardSpec("flock-inherited", "lock",
               "fcntl.flock on ONE descriptor opened before fork (broken on purpose)",
               broken=True),
+    GuardSpec("mutex-dask", "lock", "ipcfork.Mutex(backend='dask') (with --cluster only)",
+              extra=True, cluster=True),
+    GuardSpec("counter-dask", "atomic",
+              "ipcfork.SharedCounter(backend='dask'): one actor call per update "
+              "(with --cluster only)", extra=True, cluster=True),
 )}
 DEFAULT_GUARDS = tuple(name for name, spec in GUARDS.items()
                        if not spec.broken and not spec.extra)
@@ -250,6 +259,8 @@ def _shared_counter_class() -> Any:
 
 def unavailable(name: str) -> str | None:
     """Why guard ``name`` cannot run here, or None if it can."""
+    if guard_spec(name).cluster:
+        return "runs across a dask cluster only: use --cluster"
     if guard_spec(name).kind == "atomic":
         if _shared_counter_class() is None:
             return "ipcfork.SharedCounter is not available in this version of ipcfork"
