@@ -9,7 +9,7 @@ after.  If a probe cannot be read, the helpers raise instead of silently passing
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ __all__ = [
     "children",
     "fork_call",
     "snapshot",
+    "wait_gone",
     "zombies",
 ]
 
@@ -122,3 +123,29 @@ def fork_call(target: object, *args: object) -> int:
         traceback.print_exc()
     finally:
         os._exit(status)
+
+
+def wait_gone(pids: Iterable[int], timeout: float = 30.0) -> list[int]:
+    """Wait until every process of ``pids`` has ended, children or not (through pidfds:
+    no polling, no sleeping); returns those still alive after ``timeout`` seconds."""
+    import select
+    import time
+
+    fds: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fds[pid] = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + timeout
+    try:
+        while fds and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(fds.values()), [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            for pid, fd in list(fds.items()):
+                if fd in ready:
+                    os.close(fds.pop(pid))
+        return sorted(fds)
+    finally:
+        for fd in fds.values():
+            os.close(fd)

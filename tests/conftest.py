@@ -13,6 +13,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -279,3 +280,14 @@ def interrupt_repeatedly(body: Callable[[], None], after_each: Callable[[int], N
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``start(work, environ={}, **Service options)``: a supervised service forked from the
+    test, talking to a notify socket the test binds (``service_kit.py``); everything it
+    started is gone after the test."""
+    from service_kit import service_factory
+
+    with service_factory(tmp_path) as factory:
+        yield factory

@@ -44,18 +44,21 @@ with LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
 """
 
 
-def _env() -> dict[str, str]:
+def _env(lease_timeout: str | None = None) -> dict[str, str]:
     path = [HERE, os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, **DASK_ENV, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    env = {**os.environ, **DASK_ENV, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    if lease_timeout is not None:
+        env["DASK_DISTRIBUTED__SCHEDULER__LOCKS__LEASE_TIMEOUT"] = lease_timeout
+    return env
 
 
 class ClusterHost:
     """The cluster's host process (not our child): its pid and the scheduler address."""
 
-    def __init__(self) -> None:
+    def __init__(self, lease_timeout: str | None = None) -> None:
         starter = subprocess.Popen([sys.executable, "-c", _HOST], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                   env=_env())
+                                   env=_env(lease_timeout))
         assert starter.stdin is not None and starter.stdout is not None
         starter.wait(30)  # the middle process exits at once; the host carries on
         self._stdin = starter.stdin
@@ -176,3 +179,11 @@ def use_dask_inside() -> Any:
     import ipcfork
 
     return ipcfork.Mutex("inside-fork", backend="dask")
+
+
+def forked_pools() -> tuple[int, int]:
+    """How many pools ``forked`` keeps in this worker process, and its limit."""
+    import importlib
+
+    module = importlib.import_module("ipcfork.dask.forked")
+    return sum(1 for key in module._POOLS if key[0] == os.getpid()), module.MAX_POOLS

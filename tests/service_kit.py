@@ -19,13 +19,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ipcfork import CrashLoopError, Service, ServiceRunningError
+from ipcfork import CrashLoopError, Service, ServiceRunningError, WorkerContext
 from ipcfork.service.descendants import descendants
 from ipcfork.service.status import StatusTable, segment_name
 from ipcfork.shm import SharedMemory
+from ipcfork.testing import wait_gone
 
 EXIT_CRASH_LOOP = 3
 EXIT_ALREADY_RUNNING = 4
+
+
+def steady(ctx: WorkerContext) -> None:
+    """A well-behaved worker: short units, a heartbeat after each, stops when asked."""
+    while not ctx.stopping:
+        time.sleep(0.02)  # the unit of work
+        ctx.heartbeat()
 
 
 class Notifications:
@@ -123,27 +131,6 @@ class RunningService:
         return self.exitcode
 
 
-def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
-    """Wait (through pidfds, so for processes that are not our children too) until every
-    pid has ended; returns those still alive after ``timeout`` s."""
-    fds = {}
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            fds[pid] = os.pidfd_open(pid)
-    deadline = time.monotonic() + timeout
-    try:
-        while fds and time.monotonic() < deadline:
-            ready, _, _ = select.select(list(fds.values()), [], [],
-                                        deadline - time.monotonic())
-            for pid, fd in list(fds.items()):
-                if fd in ready:
-                    os.close(fds.pop(pid))
-        return sorted(fds)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
 def _child(work: Callable[..., Any], options: dict[str, Any], notify_path: Path,
            log_path: Path, environ: dict[str, str]) -> None:
     code = 1
@@ -204,3 +191,6 @@ def service_factory(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
             with contextlib.suppress(Exception):
                 SharedMemory(name=segment_name(running.pid), create=False).unlink()
             running.notify.close()
+
+
+Start = Callable[..., RunningService]

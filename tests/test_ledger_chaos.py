@@ -33,22 +33,6 @@ def start(args: dict[str, object]) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, text=True)
 
 
-def gone(pids: list[int], timeout: float = 30.0) -> None:
-    """Wait (on pidfds, no sleeping) until every pid has exited."""
-    import select
-
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            ready, _, _ = select.select([fd], [], [], timeout)
-        finally:
-            os.close(fd)
-        assert ready, f"process {pid} outlived its SIGKILLed parent"
-
-
 def done_count(path: str) -> int:
     with sqlite3.connect(path) as db:
         return int(db.execute("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0])
@@ -71,7 +55,7 @@ def kill_mid_batch(args: dict[str, object], progress: int) -> None:
         proc.kill()
         proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    gone(helpers)
+    assert testing.wait_gone(helpers) == [], "outlived its SIGKILLed parent"
 
 
 @pytest.mark.timeout(120)

@@ -66,22 +66,6 @@ def _start(mode: str = "polite") -> tuple[subprocess.Popen[str], list[int]]:
     return proc, children
 
 
-def _gone(pids: list[int], timeout: float = 30) -> bool:
-    """Wait (without sleeping blindly) until every pid has exited."""
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            ready, _, _ = select.select([fd], [], [], timeout)
-        finally:
-            os.close(fd)
-        if not ready:
-            return False
-    return True
-
-
 @pytest.fixture(autouse=True)
 def _no_orphans_left() -> object:
     before = testing.snapshot()
@@ -99,7 +83,7 @@ def test_sigint_stops_kills_reaps_and_reraises(mode: str) -> None:
     assert report["left"] == [] and report["handler_back"] is True
     if mode == "polite":
         assert report["cancelled"] == 3  # the three never forked
-    assert _gone(children)
+    assert testing.wait_gone(children) == []
 
 
 @pytest.mark.parametrize("mode", ["polite", "persistent", "zygote"])
@@ -108,7 +92,7 @@ def test_sigterm_kills_children_and_dies_by_sigterm(mode: str) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM
-    assert _gone(children)
+    assert testing.wait_gone(children) == []
 
 
 def test_second_ctrl_c_kills_at_once() -> None:
@@ -124,7 +108,7 @@ def test_second_ctrl_c_kills_at_once() -> None:
                 break
         out, _ = proc.communicate(timeout=30)
         assert json.loads(out.strip().splitlines()[-1])["left"] == []
-        assert _gone(children)
+        assert testing.wait_gone(children) == []
     finally:
         proc.kill()
         proc.wait()
@@ -138,4 +122,4 @@ def test_parent_sigkilled_children_die_too(mode: str) -> None:
     proc, children = _start(mode)
     proc.kill()
     proc.communicate(timeout=60)
-    assert _gone(children)
+    assert testing.wait_gone(children) == []

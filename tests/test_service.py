@@ -8,30 +8,15 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from service_kit import EXIT_CRASH_LOOP, RunningService, service_factory
+from service_kit import EXIT_CRASH_LOOP, RunningService, Start, steady
 
 from ipcfork import InvalidArgumentError, Service, WorkerContext
 from ipcfork.service.notify import monotonic_usec
-
-Start = Callable[..., RunningService]
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    with service_factory(tmp_path) as factory:
-        yield factory
-
-
-def steady(ctx: WorkerContext) -> None:
-    """A well-behaved worker: short units, a heartbeat after each, stops when asked."""
-    while not ctx.stopping:
-        time.sleep(0.02)  # the unit of work
-        ctx.heartbeat()
 
 
 def stubborn(ctx: WorkerContext) -> None:

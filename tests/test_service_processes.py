@@ -12,11 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from service_kit import EXIT_ALREADY_RUNNING, RunningService, service_factory, wait_gone
+from service_kit import EXIT_ALREADY_RUNNING, RunningService, Start, steady, wait_gone
 
 from ipcfork import (
     InvalidArgumentError,
@@ -28,20 +28,6 @@ from ipcfork import (
 from ipcfork.cli import main
 from ipcfork.service.descendants import descendants
 from ipcfork.testing import snapshot
-
-Start = Callable[..., RunningService]
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    with service_factory(tmp_path) as factory:
-        yield factory
-
-
-def steady(ctx: WorkerContext) -> None:
-    while not ctx.stopping:
-        time.sleep(0.02)
-        ctx.heartbeat()
 
 
 def _parent_of(pid: int) -> int:

@@ -4,12 +4,13 @@ options that have no meaning on a cluster, and the scheduler-side key of each ob
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["check_local_options", "check_name", "cluster_key", "require_distributed",
-           "resolve_client", "scheduler_and_loop", "wait_for_task"]
+__all__ = ["check_local_options", "check_name", "check_usable", "cluster_key",
+           "require_distributed", "resolve_client", "scheduler_and_loop", "wait_for_task"]
 
 PREFIX = "ipcfork"
 MAX_NAME = 255
@@ -118,3 +119,17 @@ def wait_for_task(future: Any) -> Any:
         return future.result()
     finally:
         distributed.rejoin()
+
+
+def check_usable(what: str, closed: bool, opened_by: int) -> None:
+    """Raise ObjectClosedError when a dask handle is closed, or used in a process other
+    than the one that opened it (a handle does not survive fork: the child has none of
+    the client's event loop)."""
+    from ..errors import ObjectClosedError
+
+    if closed:
+        raise ObjectClosedError(f"{what} is closed", obj=what)
+    if os.getpid() != opened_by:
+        raise ObjectClosedError(
+            f"{what} was opened in process {opened_by}: a dask handle does not survive "
+            "fork, open it again in the child", obj=what)

@@ -28,10 +28,11 @@ from typing import Any
 
 from .._counter_layout import _int64, _wrap
 from ..counter import SharedCounter
-from ..errors import ObjectClosedError, ObjectCorruptError
+from ..errors import ObjectCorruptError
 from .client import (
     check_local_options,
     check_name,
+    check_usable,
     cluster_key,
     require_distributed,
     resolve_client,
@@ -106,8 +107,14 @@ class DaskCounter(SharedCounter):
         token = os.urandom(16).hex()  # the key is fixed: only the first submitter's runs
         future = self._client.submit(CounterActor, initial, f"{key}-born", token, key=key,
                                      actor=True)
-        # ObjectCorruptError after a loss (see above).
-        self._actor = wait_for_task(future)
+        try:
+            self._actor = wait_for_task(future)  # ObjectCorruptError after a loss (above)
+        except ObjectCorruptError:
+            raise
+        except (OSError, RuntimeError) as exc:  # "Worker holding Actor was lost", ...
+            raise ObjectCorruptError(
+                f"{self._what}: its actor could not be reached ({exc}); if its worker was "
+                "lost, the count is gone (unlink() to start again)", obj=self._what) from exc
         self._future = future
         # Published under its own key: the scheduler keeps it until unlink(); publishing
         # the same key again is harmless (override), so there is no race to lose.
@@ -119,12 +126,7 @@ class DaskCounter(SharedCounter):
         return _reopen_counter, (self.name,)
 
     def _call(self, method: str, *args: int) -> Any:
-        if not self._open:
-            raise ObjectClosedError(f"{self._what} is closed", obj=self._what)
-        if os.getpid() != self._pid:
-            raise ObjectClosedError(
-                f"{self._what} was opened in process {self._pid}: a dask handle does not "
-                f"survive fork, open it again in the child", obj=self._what)
+        check_usable(self._what, not self._open, self._pid)
         try:
             return getattr(self._actor, method)(*args).result()
         except ObjectCorruptError:

@@ -23,6 +23,7 @@ in the child as in any fork.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from collections.abc import Callable
@@ -35,7 +36,12 @@ from . import client as _client
 
 __all__ = ["Forked", "forked"]
 
-_POOLS: dict[tuple[int, float | None, float], ForkPool] = {}
+# One pool per (process, timeout, grace), the most recently used last.  Past MAX_POOLS the
+# least recently used one is shut down without waiting: its running tasks still finish,
+# but a program that tries many timeouts does not keep a pool and a thread for each.
+MAX_POOLS = 8
+_POOLS: collections.OrderedDict[tuple[int, float | None, float], ForkPool] = \
+    collections.OrderedDict()
 _POOLS_LOCK = threading.Lock()
 
 
@@ -58,6 +64,10 @@ def _pool(timeout: float | None, grace: float) -> ForkPool:
             pool = ForkPool(max(_threads(), 1), timeout=timeout, grace=grace,
                             handle_signals=False, fork_safety_checks=False)
             _POOLS[key] = pool
+            while len(_POOLS) > MAX_POOLS:
+                _, oldest = _POOLS.popitem(last=False)
+                oldest.shutdown(wait=False)
+        _POOLS.move_to_end(key)
         return pool
 
 

@@ -26,18 +26,19 @@ from ..errors import (
     DeadlockError,
     InvalidArgumentError,
     NotOwnerError,
-    ObjectClosedError,
 )
 from ..mutex import Mutex
 from ..semaphore import Semaphore
 from .client import (
     check_local_options,
     check_name,
+    check_usable,
     cluster_key,
     require_distributed,
     resolve_client,
     scheduler_and_loop,
 )
+from .leases import take_lease
 
 __all__ = ["DaskMutex", "DaskSemaphore"]
 
@@ -64,12 +65,7 @@ class _Handle:
         return require_distributed()
 
     def _check(self) -> None:
-        if self._closed:
-            raise ObjectClosedError(f"{self._what} is closed", obj=self._what)
-        if os.getpid() != self._pid:
-            raise ObjectClosedError(
-                f"{self._what} was opened in process {self._pid}: a dask handle does not "
-                f"survive fork, open it again in the child", obj=self._what)
+        check_usable(self._what, self._closed, self._pid)
 
     @staticmethod
     def _dask_timeout(blocking: bool, timeout: float | None) -> float | None:
@@ -141,7 +137,7 @@ class DaskMutex(_Handle, Mutex):
                 return False
             raise DeadlockError(f"{self._what} is held by this thread already",
                                 obj=self._what, backend="dask")
-        taken = bool(self._lock.acquire(timeout=wait))
+        taken = take_lease(self._lock, wait)
         if taken:
             self._holder = me
         return taken
@@ -203,7 +199,9 @@ class DaskMutex(_Handle, Mutex):
         self._stop_refreshing(self._lock)
 
     def unlink(self) -> None:
-        """Remove the mutex from the scheduler; holders elsewhere lose it at once."""
+        """Forget the mutex in the scheduler.  A holder elsewhere keeps its lease (its next
+        refresh makes it again: dask logs that) until it releases, so handles opened
+        meanwhile still wait for it; a mutex nobody holds is simply gone."""
         self._check()
         self._lock.close()
 
@@ -261,7 +259,7 @@ class DaskSemaphore(_Handle, Semaphore):
         with ``blocking=False``).  Raises InvalidArgumentError as the local backends do."""
         wait = self._dask_timeout(blocking, timeout)
         self._check()
-        taken = bool(self._sem.acquire(timeout=wait))
+        taken = take_lease(self._sem, wait)
         if taken:
             with self._count_lock:
                 self._held += 1
@@ -311,7 +309,8 @@ class DaskSemaphore(_Handle, Semaphore):
             self._stop_refreshing(self._sem)
 
     def unlink(self) -> None:
-        """Remove the semaphore from the scheduler; its leases vanish with it."""
+        """Forget the semaphore in the scheduler, with its leases.  Handles that still use
+        it get ObjectNotFoundError; a new handle makes a new semaphore."""
         self._check()
         self._client.set_metadata(cluster_key("semaphore", self._plain_name), None)
         self._sem.close()

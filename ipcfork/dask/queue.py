@@ -20,7 +20,7 @@ from .._os.timeouts import check_timeout
 from ..errors import (
     InvalidArgumentError,
     LimitExceededError,
-    ObjectClosedError,
+    ObjectNotFoundError,
     QueueEmptyError,
     QueueFullError,
 )
@@ -28,6 +28,7 @@ from ..mqueue import MessageQueue
 from .client import (
     check_local_options,
     check_name,
+    check_usable,
     cluster_key,
     require_distributed,
     resolve_client,
@@ -83,12 +84,7 @@ class DaskQueue(MessageQueue):
         return f"<{self._what}{' closed' if self._closed else ''}>"
 
     def _check(self) -> None:
-        if self._closed:
-            raise ObjectClosedError(f"{self._what} is closed", obj=self._what)
-        if os.getpid() != self._pid:
-            raise ObjectClosedError(
-                f"{self._what} was opened in process {self._pid}: a dask handle does not "
-                f"survive fork, open it again in the child", obj=self._what)
+        check_usable(self._what, self._closed, self._pid)
 
     def _encode(self, obj: Any) -> bytes:
         if self.raw:
@@ -117,7 +113,7 @@ class DaskQueue(MessageQueue):
         """Send ``obj`` (bytes in raw mode), waiting up to ``timeout`` s for room.  Raises
         QueueFullError if there is no room in time (or at once with ``block=False``),
         LimitExceededError past ``max_message_size``, InvalidArgumentError for bad
-        arguments."""
+        arguments, ObjectNotFoundError once the queue was unlinked."""
         timeout = check_timeout(timeout)
         self._check_type(type, 1)
         self._check()
@@ -127,10 +123,15 @@ class DaskQueue(MessageQueue):
         except TimeoutError:
             raise QueueFullError(f"{self._what} stayed full for {timeout} s",
                                  obj=self._what, backend="dask", limit=self._limits) from None
+        except KeyError:  # the scheduler no longer knows the queue
+            raise self._gone() from None
 
     def get(self, timeout: float | None = None, *, block: bool = True, type: int = 0) -> Any:
         """Receive the next message, waiting up to ``timeout`` seconds.  Raises
-        QueueEmptyError if nothing arrived in time (or at once with ``block=False``)."""
+        QueueEmptyError if nothing arrived in time (or at once with ``block=False``),
+        ObjectNotFoundError once the queue was unlinked.  An interrupted blocking get
+        (Ctrl-C) may still take the next message in the scheduler, and that message is
+        lost: dask's queue cannot cancel a get it has begun."""
         timeout = check_timeout(timeout)
         self._check_type(type, 0)
         self._check()
@@ -140,7 +141,13 @@ class DaskQueue(MessageQueue):
             raise QueueEmptyError(f"{self._what} stayed empty for {timeout} s",
                                   obj=self._what, backend="dask",
                                   limit=self._limits) from None
+        except KeyError:  # the scheduler no longer knows the queue
+            raise self._gone() from None
         return self._decode(data)
+
+    def _gone(self) -> ObjectNotFoundError:
+        return ObjectNotFoundError(f"{self._what} was unlinked", obj=self._what,
+                                   backend="dask")
 
     def qsize(self) -> int:
         """How many messages wait in the queue (a snapshot)."""
@@ -153,7 +160,7 @@ class DaskQueue(MessageQueue):
 
     def unlink(self) -> None:
         """Remove the queue and its messages from the scheduler, whoever holds handles to
-        it (they get errors from then on)."""
+        it: their ``get``/``put`` raise ObjectNotFoundError from then on."""
         self._check()
 
         def drop(dask_scheduler: Any, name: str) -> bool:  # runs in the scheduler
