@@ -56,7 +56,7 @@ from .errors import (
     QueueFullError,
 )
 
-__all__ = ["MessageQueue"]
+__all__ = ["MessageQueue", "raw_payload"]
 
 _INLINE = b"\x00"
 _SPILL = b"\x01"
@@ -64,6 +64,12 @@ _BACKOFF_START = 0.0005
 _BACKOFF_MAX = 0.005
 
 
+def raw_payload(obj: Any, what: str) -> bytes:
+    """``obj`` as the bytes of one raw message.  Raises InvalidArgumentError unless it is
+    bytes-like."""
+    if not isinstance(obj, (bytes, bytearray, memoryview)):
+        raise InvalidArgumentError(f"a raw {what} sends bytes, not {type(obj).__name__}")
+    return bytes(obj)
 
 class MessageQueue(ClosingContext):
     """A queue of messages between processes.
@@ -175,10 +181,7 @@ class MessageQueue(ClosingContext):
 
     def _encode(self, obj: Any) -> bytes:
         if self.raw:
-            if not isinstance(obj, (bytes, bytearray, memoryview)):
-                raise InvalidArgumentError(
-                    f"a raw {self._what} sends bytes, not {type(obj).__name__}")
-            data = bytes(obj)
+            data = raw_payload(obj, self._what)
             if len(data) > self.max_message_size:
                 raise LimitExceededError(
                     f"a raw message of {len(data)} bytes is too long for {self._what}",

@@ -21,8 +21,7 @@ from typing import Any
 
 from ipcfork import CrashLoopError, Service, ServiceRunningError, WorkerContext
 from ipcfork.service.descendants import descendants
-from ipcfork.service.status import StatusTable, segment_name
-from ipcfork.shm import SharedMemory
+from ipcfork.service.status import StatusTable
 from ipcfork.testing import wait_gone
 
 EXIT_CRASH_LOOP = 3
@@ -188,8 +187,8 @@ def service_factory(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
                     running.kill(signal.SIGKILL)
                 running.wait()
                 wait_gone(below)
-            with contextlib.suppress(Exception):
-                SharedMemory(name=segment_name(running.pid), create=False).unlink()
+            with contextlib.suppress(OSError):  # the table of a SIGKILLed supervisor
+                StatusTable.remove(running.pid)
             running.notify.close()
 
 

@@ -2,6 +2,7 @@
 
 Used on slow paths only (a ctypes call costs about a microsecond here):
 
+* ``prctl``: the parent-death signal of forked children, the child subreaper of a service.
 * ``semtimedop``: the sysv_ipc wheel is built without it, so its timed acquire blocks forever.
 * ``semget`` with three members (sysv_ipc makes one-member sets; PHP's ``sem_get`` needs
   three) and ``semctl`` queries of members other than the first.
@@ -29,6 +30,7 @@ __all__ = [
     "WAIT_TIMEOUT",
     "mq_timedreceive",
     "mq_timedsend",
+    "prctl",
     "sem_close",
     "sem_getval",
     "sem_member_exists",
@@ -181,3 +183,17 @@ def mq_timedreceive(mqd: int, buffer: ctypes.Array[ctypes.c_char],
     if size >= 0:
         return WAIT_DONE, int(size)
     return _outcome(-1, errno.ETIMEDOUT, errno.EAGAIN), 0
+
+
+_prctl = _bind(_libc, "prctl", ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+               ctypes.c_ulong, ctypes.c_ulong)
+
+
+def prctl(option: int, arg: int = 0) -> int:
+    """``prctl(option, arg, 0, 0, 0)``; returns its result (an address as ``arg`` for the
+    options that write one).  Raises OSError when the kernel refuses."""
+    rc = int(_prctl(option, arg, 0, 0, 0))
+    if rc == -1:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl({option}): {os.strerror(code)}")
+    return rc

@@ -24,7 +24,7 @@ from ..errors import (
     QueueEmptyError,
     QueueFullError,
 )
-from ..mqueue import MessageQueue
+from ..mqueue import MessageQueue, raw_payload
 from .client import (
     check_local_options,
     check_name,
@@ -87,13 +87,7 @@ class DaskQueue(MessageQueue):
         check_usable(self._what, self._closed, self._pid)
 
     def _encode(self, obj: Any) -> bytes:
-        if self.raw:
-            if not isinstance(obj, (bytes, bytearray, memoryview)):
-                raise InvalidArgumentError(
-                    f"a raw {self._what} sends bytes, not {type(obj).__name__}")
-            data = bytes(obj)
-        else:
-            data = pickle.dumps(obj, protocol=5)
+        data = raw_payload(obj, self._what) if self.raw else pickle.dumps(obj, protocol=5)
         if self.max_message_size is not None and len(data) > self.max_message_size:
             raise LimitExceededError(
                 f"a message of {len(data)} bytes is too long for {self._what}",

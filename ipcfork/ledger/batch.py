@@ -37,14 +37,13 @@ from ..errors import (
     ChildCrashedError,
     InvalidArgumentError,
     LedgerMismatchError,
-    ObjectNotFoundError,
     RemoteTraceback,
     UncertainTasksError,
 )
 from ..pool.tasks import StreamTask
 from .child import failure, run_items
 from .keys import TaskKey, check_callable, fingerprint_of, function_name, key_of
-from .runlock import RunLock
+from .runlock import RunLock, check_folder
 from .store import DONE, FAILED, STARTED, Store, Writes
 
 __all__ = ["COMMIT_INTERVAL", "COMMIT_ROWS", "LedgerOptions", "ledger_results"]
@@ -96,10 +95,7 @@ class LedgerOptions:
         if not isinstance(retry_failed, bool):
             raise InvalidArgumentError(f"retry_failed must be True or False, not "
                                        f"{retry_failed!r}")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ObjectNotFoundError(f"ledger {path}: directory {folder} does not exist",
-                                      obj=f"ledger {path!r}")
+        check_folder(path)
         return cls(path, durable, key, fingerprint, uncertain == "hold", retry_failed)
 
 

@@ -25,15 +25,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import struct
 import threading
 
+from .._os.recordlock import holder_of_path
 from ..errors import LedgerBusyError, ObjectNotFoundError
 
-__all__ = ["RunLock", "holder"]
+__all__ = ["RunLock", "check_folder", "holder"]
 
-# struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
-_FLOCK = "hhqqi"
 _HELD: set[str] = set()  # real paths of the ledgers this process holds
 _HELD_LOCK = threading.Lock()
 
@@ -45,17 +43,16 @@ def _lock_path(path: str) -> str:
 def holder(path: str) -> int | None:
     """The pid of the live process that holds ``path``'s run lock, or None (no run, or no
     sidecar yet).  Takes no lock."""
-    try:
-        fd = os.open(_lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
-        kind, _, _, _, pid = struct.unpack(_FLOCK, answer)
-        return None if kind == fcntl.F_UNLCK else int(pid)
-    finally:
-        os.close(fd)
+    return holder_of_path(_lock_path(path))
+
+
+def check_folder(path: str) -> None:
+    """Raise ObjectNotFoundError when the directory the ledger ``path`` goes in is
+    missing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ObjectNotFoundError(f"ledger {path}: directory {folder} does not exist",
+                                  obj=f"ledger {path!r}")
 
 
 class RunLock:
@@ -68,10 +65,7 @@ class RunLock:
 
     def __init__(self, path: str, what: str = "runs a batch on") -> None:
         self.path = path
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ObjectNotFoundError(f"ledger {path}: directory {folder} does not exist",
-                                      obj=f"ledger {path!r}")
+        check_folder(path)
         self._real = os.path.realpath(path)
         self._fd: int | None = None
         with _HELD_LOCK:

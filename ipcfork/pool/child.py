@@ -6,7 +6,6 @@ so no ``finally`` block, atexit handler or buffered output of the parent runs tw
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import signal
@@ -15,6 +14,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .._os.libc import prctl
 from .transfer import BEGIN, EXCEPTION, RESULT
 
 __all__ = ["EXIT_NO_OUTCOME", "EXIT_OK", "end_child", "run_call", "run_task_in_child",
@@ -23,13 +23,12 @@ __all__ = ["EXIT_NO_OUTCOME", "EXIT_OK", "end_child", "run_call", "run_task_in_c
 EXIT_OK = 0
 EXIT_NO_OUTCOME = 70  # the outcome could not be written (no room, unpicklable and worse)
 _PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def die_with_parent(parent_pid: int) -> None:
     """Ask the kernel to SIGKILL us when the forking thread of our parent ends; exit now if
     the parent already went (the request only covers deaths after it is made)."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(EXIT_NO_OUTCOME)
 

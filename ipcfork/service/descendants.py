@@ -30,23 +30,21 @@ import signal
 import time
 from dataclasses import dataclass
 
+from .._os.libc import prctl
 from .._os.procfs import stat_fields
 
 __all__ = ["Sentinel", "descendants", "reap_any", "set_subreaper", "start_sentinel", "sweep"]
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def set_subreaper(on: bool) -> bool:
     """Make this process a child subreaper (or stop being one); returns the previous
     setting.  Raises OSError if the kernel refuses."""
     previous = ctypes.c_int(0)
-    if _libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(previous), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_GET_CHILD_SUBREAPER) failed")
-    if _libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    prctl(_PR_GET_CHILD_SUBREAPER, ctypes.addressof(previous))
+    prctl(_PR_SET_CHILD_SUBREAPER, int(on))
     return bool(previous.value)
 
 

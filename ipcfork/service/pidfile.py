@@ -22,15 +22,12 @@ import contextlib
 import errno
 import fcntl
 import os
-import struct
 
+from .._os.recordlock import holder_of, holder_of_path
 from ..errors import InvalidArgumentError, ServiceError, ServiceRunningError, UnsafeObjectError
 
 __all__ = ["Pidfile", "lock_holder", "read_pid"]
 
-# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len,
-# pid_t l_pid, padded to the alignment of off_t ("0q").
-_FLOCK = "hhqqi0q"
 _ATTEMPTS = 10
 
 
@@ -55,21 +52,7 @@ def lock_holder(path: str) -> int | None:
     """The pid of the process that holds the lock on ``path`` (None if nobody does or the file
     is missing).  Tests the lock without taking it, so a starting service is never refused
     because somebody looked."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        return _holder(fd)
-    finally:
-        os.close(fd)
-
-
-def _holder(fd: int) -> int | None:
-    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-    answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
-    kind, _, _, _, pid = struct.unpack(_FLOCK, answer)
-    return None if kind == fcntl.F_UNLCK else int(pid)
+    return holder_of_path(path)
 
 
 def _check_safe(fd: int, path: str, allow_foreign: bool) -> None:
@@ -121,7 +104,7 @@ class Pidfile:
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
-                    holder = _holder(fd) or read_pid(self.path)
+                    holder = holder_of(fd) or read_pid(self.path)
                     raise ServiceRunningError(
                         f"pidfile {self.path} is held by a running service (pid {holder}); "
                         "stop it first or choose another pidfile", obj=self.path,

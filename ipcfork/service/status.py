@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .._os.posix import unlink_posix
 from ..errors import ObjectCorruptError, ObjectNotFoundError
 from ..shm import SharedMemory
 
@@ -96,10 +97,9 @@ class StatusTable:
     @classmethod
     def create(cls, name: str) -> StatusTable:
         """A new table for this process's service.  Raises as :class:`SharedMemory`."""
-        stale = segment_name(os.getpid())
-        with contextlib.suppress(ObjectNotFoundError):  # left by a dead process of our pid
-            SharedMemory(name=stale, create=False).unlink()
-        shm = SharedMemory(_HEADER + CAPACITY * _WORDS * 8, name=stale, exclusive=True)
+        cls.remove(os.getpid())  # left by a dead process of our pid
+        shm = SharedMemory(_HEADER + CAPACITY * _WORDS * 8, name=segment_name(os.getpid()),
+                           exclusive=True)
         table = cls(shm, owner=True)
         words = table.words
         words[SUPERVISOR], words[STARTED] = os.getpid(), now_ns()
@@ -107,6 +107,15 @@ class StatusTable:
         shm.buf[_WORDS * 8:_WORDS * 8 + len(encoded)] = encoded
         words[MAGIC] = _MAGIC  # last: a reader that sees the magic sees a whole header
         return table
+
+    @staticmethod
+    def remove(supervisor_pid: int) -> None:
+        """Remove the table of the service run by ``supervisor_pid``, if there is one (a
+        dead supervisor's: nothing is mapped to do it).  Raises ipcfork errors as the
+        unlink fails for another reason than absence."""
+        name = segment_name(supervisor_pid)
+        with contextlib.suppress(ObjectNotFoundError):
+            unlink_posix("shm", name, f"status table {name}")
 
     @classmethod
     def open(cls, supervisor_pid: int) -> StatusTable:

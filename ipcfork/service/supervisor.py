@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from ..errors import CrashLoopError, ObjectNotFoundError
+from ..errors import CrashLoopError
 from ..pool.tasks import signal_name
 from . import descendants
 from .notify import Notifier, monotonic_usec
@@ -46,7 +46,6 @@ from .status import (
     STOPPING,
     WANTED,
     StatusTable,
-    segment_name,
 )
 from .worker import WorkerContext, run_worker
 
@@ -179,12 +178,9 @@ class Supervisor:
         _log.warning("took over pidfile %s: pid %d, written in it, no longer holds its lock%s",
                      self.service.pidfile, pid, " (that pid now belongs to another process)"
                      if alive else "")
-        if alive:
-            return
-        from ..shm import SharedMemory
-
-        with contextlib.suppress(ObjectNotFoundError, OSError):
-            SharedMemory(name=segment_name(pid), create=False).unlink()
+        if not alive:
+            with contextlib.suppress(OSError):  # not ours to remove: leave it to clean
+                StatusTable.remove(pid)
 
     def _sweep(self) -> None:
         if not self.said_stopping:
@@ -390,9 +386,13 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
 
+    def _running_slots(self) -> set[int]:
+        """Slots with a worker of the current generation that was not asked to end."""
+        return {p.slot for p in self.workers.values()
+                if p.generation == self.generation and not p.draining}
+
     def _start_due(self, now: float) -> None:
-        running = {p.slot for p in self.workers.values()
-                   if p.generation == self.generation and not p.draining}
+        running = self._running_slots()
         for slot in range(self.count):
             if slot not in running and self.pending.get(slot, now) <= now:
                 self._spawn(slot, now)
@@ -439,8 +439,7 @@ class Supervisor:
     # -- telling the world ----------------------------------------------------------------
 
     def _announce(self) -> None:
-        running = {p.slot for p in self.workers.values()
-                   if p.generation == self.generation and not p.draining}
+        running = self._running_slots()
         complete = all(slot in running for slot in range(self.count))
         status = (f"STATUS={len(running)} of {self.count} workers running, "
                   f"generation {self.generation}")
