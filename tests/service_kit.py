@@ -8,6 +8,7 @@ the supervisor has done, so no test sleeps to wait for it.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import select
@@ -134,6 +135,9 @@ def _child(work: Callable[..., Any], options: dict[str, Any], notify_path: Path,
            log_path: Path, environ: dict[str, str]) -> None:
     code = 1
     try:
+        # Tests kill workers with SIGSEGV on purpose: no stack dump from pytest's
+        # faulthandler (inherited through the fork) for each of them in the test output.
+        faulthandler.disable()
         os.environ["NOTIFY_SOCKET"] = str(notify_path)
         os.environ.update(environ)
         logger = logging.getLogger("ipcfork.service")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -21,7 +22,8 @@ SCRIPT = textwrap.dedent("""
     import ipcfork
     from ipcfork import testing
 
-    stubborn = sys.argv[1] == "stubborn"
+    stubborn = sys.argv[1] in ("stubborn", "held")
+    held = sys.argv[1] == "held"
     persistent = sys.argv[1] == "persistent"
     zygote = sys.argv[1] == "zygote"
 
@@ -41,6 +43,10 @@ SCRIPT = textwrap.dedent("""
         while len(started()) < 3:
             time.sleep(0.01)
         print(json.dumps(started()), flush=True)
+        if held:  # as if the Ctrl-C landed in Future.exception(), between its lock and wait
+            with futures[0]._condition:
+                while True:
+                    signal.pause()
         for f in futures:
             if not f.cancelled():
                 f.exception()
@@ -58,6 +64,7 @@ SCRIPT = textwrap.dedent("""
 def _start(mode: str = "polite") -> tuple[subprocess.Popen[str], list[int]]:
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, mode], stdout=subprocess.PIPE,
                             text=True)
+    _STARTED.append(proc)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 60)
     assert ready, "the script did not start its children"
@@ -66,10 +73,19 @@ def _start(mode: str = "polite") -> tuple[subprocess.Popen[str], list[int]]:
     return proc, children
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
 @pytest.fixture(autouse=True)
 def _no_orphans_left() -> object:
     before = testing.snapshot()
     yield
+    while _STARTED:  # a failed test's script too: killed, reaped, its pipe closed
+        proc = _STARTED.pop()
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
     assert not (testing.snapshot() - before)
 
 
@@ -95,23 +111,29 @@ def test_sigterm_kills_children_and_dies_by_sigterm(mode: str) -> None:
     assert testing.wait_gone(children) == []
 
 
-def test_second_ctrl_c_kills_at_once() -> None:
-    proc, children = _start("stubborn")  # children ignore SIGTERM; the grace is 30 s
+@pytest.mark.parametrize("mode", ["stubborn", "held"])
+def test_second_ctrl_c_kills_at_once(mode: str) -> None:
+    """Children ignore SIGTERM and the grace is 30 s: only the second Ctrl-C ends it soon.
+    "held": the first lands while the main thread holds a future's lock, which the
+    manager needs to resolve that future (it used to wait for the handler, and the handler
+    for it, each further Ctrl-C adding another 35 s wait)."""
+    proc, children = _start(mode)
     assert proc.stdout is not None
     try:
         # Signals of one kind do not queue: press Ctrl-C again until the parent reports,
         # waiting on its output between presses.  Well before the 30 s grace would end.
+        first_press = time.monotonic()
         for _ in range(40):
             proc.send_signal(signal.SIGINT)
             ready, _, _ = select.select([proc.stdout], [], [], 0.5)
             if ready:
                 break
         out, _ = proc.communicate(timeout=30)
-        assert json.loads(out.strip().splitlines()[-1])["left"] == []
+        assert time.monotonic() - first_press < 20  # not the grace, nor a wedge
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["left"] == [] and report["cancelled"] == 3
         assert testing.wait_gone(children) == []
     finally:
-        proc.kill()
-        proc.wait()
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -32,6 +33,7 @@ from .forksafety import ForkSafety
 from .logs import LogChannel
 from .options import PoolOptions
 from .reaper import ChildWatch, Exit
+from .stopping import StopHandoff
 from .tasks import StreamTask, TaskFuture, Work, drop, kill, task_failure
 from .transfer import EXCEPTION, OutcomeArena, discard_outcome, outcome_name
 
@@ -81,6 +83,7 @@ class Manager:
         self.shutdown_requested = False
         self.abort_signal: int | None = None
         self.kill_now = False
+        self.stop = StopHandoff()
         self.free_slots = list(range(slots))
         self._ids = itertools.count(1)
         self._asleep = True  # a submit wakes the manager only when it sleeps
@@ -176,25 +179,30 @@ class Manager:
 
     def abort(self, signum: int, kill_now: bool) -> None:
         """Stop at once (from the signal handler): no new forks; children terminated and
-        reaped by the manager before this returns.
+        reaped by the manager, and their futures resolved here (see ``stopping``), before
+        this returns.  A second call while the first waits only sets ``kill_now``.
 
-        The wait is bounded: if the manager cannot finish in ``grace`` + 5 s, every known
+        The wait is bounded: if the children are not reaped in ``grace`` + 5 s, every known
         child is SIGKILLed and we return; the manager reaps them afterwards.
         """
+        thread = self._thread
+        # A second signal finds the first one's handler waiting: it only sets kill_now.
+        waits = (thread is not None and thread is not threading.current_thread()
+                 and self.stop.begin_wait())
         self.kill_now = self.kill_now or kill_now
         self.abort_signal = signum
         self.shutdown_requested = True
         self.watch.wake()
-        thread = self._thread
-        if thread is None or thread is threading.current_thread():
+        if not waits:
             return
-        # The manager may need what the interrupted code holds (a future's condition, in
-        # a done-callback); then it finishes only once that code unwinds.
-        thread.join(self.options.grace + 5.0)
-        if not thread.is_alive():
-            return
-        for pid in self._known_pids():
-            kill(pid, signal.SIGKILL)
+        try:
+            # The manager resolves no future meanwhile (see ``stopping``), but it may still
+            # need another lock the interrupted code holds (a logging handler's): bounded.
+            if not self.stop.reaped.wait(self.options.grace + 5.0):
+                for pid in self._known_pids():
+                    kill(pid, signal.SIGKILL)
+        finally:
+            self.stop.end_wait()
 
     def _known_pids(self) -> list[int]:
         dispatcher = self.dispatcher
@@ -217,6 +225,7 @@ class Manager:
             self._start_error = exc
             RUNNING.discard(self)
             self.release()
+            self.stop.reaped.set()
             return
         finally:
             self._started.set()
@@ -240,6 +249,7 @@ class Manager:
         finally:
             RUNNING.discard(self)
             self.release()
+            self.stop.reaped.set()
 
     def _round(self, timeout: float | None) -> None:
         """Wait up to ``timeout``, then handle what happened and enforce timeouts."""
@@ -280,6 +290,9 @@ class Manager:
             try:
                 work = self.pending.popleft()
             except IndexError:
+                return None
+            if not self.stop.free(work.future):  # a stop began: it will drop the task
+                self.pending.appendleft(work)
                 return None
             if work.future.running() or work.future.set_running_or_notify_cancel():
                 # Until its dispatcher makes a run of it the task is nowhere else: a
@@ -342,9 +355,12 @@ class Manager:
         forked): its future fails now.  The future may be running already (a retry)."""
         self.handed_out = None
         future = work.future
-        if future.running() or future.set_running_or_notify_cancel():
-            future.record.outcome = "exception" if not isinstance(error, OSError) else "crash"
-            _resolve(future, False, error)
+        def fail() -> None:
+            if future.running() or future.set_running_or_notify_cancel():
+                future.record.outcome = "exception" if not isinstance(error, OSError) else "crash"
+                _resolve(future, False, error)
+
+        self.stop.settle(future, fail)
 
     def finish(self, run: Run, exited: Exit | None) -> None:
         """The one path from an ending to an outcome, for every mode.
@@ -376,7 +392,8 @@ class Manager:
         # A complete result wins even if the deadline passed meanwhile: the work was done.
         if outcome is not None and outcome[0] != EXCEPTION:
             record.outcome = "result"
-            _resolve(work.future, True, outcome[1])
+            self.stop.settle(work.future, functools.partial(_resolve, work.future, True,
+                                                            outcome[1]))
             return
         if load_error is not None:
             record.outcome = "exception"
@@ -386,7 +403,7 @@ class Manager:
         if record.attempts <= self.options.retries and self.abort_signal is None:
             self.pending.appendleft(work)  # run it again, before newer tasks
             return
-        _resolve(work.future, False, error)
+        self.stop.settle(work.future, functools.partial(_resolve, work.future, False, error))
 
     def _next_wakeup(self, now: float) -> float | None:
         assert self.dispatcher is not None
@@ -425,6 +442,7 @@ class Manager:
                     kill(pid, signal.SIGKILL)
             self._round(None if killed_all else remaining)
             self._drop_pending()  # requeued by a dying worker: dropped too
+        self.stop.reaped.set()
 
     def take_pending(self) -> list[Work]:
         """Empty the queue and return what it held (one popleft at a time: a concurrent
@@ -438,7 +456,7 @@ class Manager:
     def _drop_pending(self) -> None:
         self.shutdown_requested = True
         for work in self.take_pending():
-            drop(work)
+            self.stop.settle(work.future, functools.partial(drop, work))
 
     def _fail_everything(self, exc: BaseException) -> None:
         """The manager hit a bug: refuse new work, kill the children, fail every future."""

@@ -42,6 +42,14 @@ class TaskFuture(Future[Any]):
         super().__init__()
         self.record = TaskRecord(task_id)
 
+    def lock_free_within(self, timeout: float) -> bool:
+        """True if the lock every Future method takes could be had within ``timeout``
+        seconds (it is let go at once); False if another thread held it all along."""
+        if not self._condition.acquire(timeout=timeout):
+            return False
+        self._condition.release()
+        return True
+
 
 class StreamTask:
     """A task of a stream (``imap_unordered``): the few Future methods the manager calls,

@@ -33,6 +33,8 @@ _MAGIC = 0x69706366_73766331  # "ipcfsvc1"
 _WORDS = 8
 _NAME_BYTES = 64
 _HEADER = _WORDS * 8 + _NAME_BYTES
+_SIZE = _HEADER + CAPACITY * _WORDS * 8
+_MAKING_GRACE = 1.0  # seconds open() waits for a table being made to get its magic
 # Header words.
 MAGIC, SUPERVISOR, GENERATION, WANTED, STARTED, STATE, RESTARTS, _SPARE = range(_WORDS)
 # Row words.
@@ -82,6 +84,25 @@ def _rss(pid: int) -> int | None:
         return None
 
 
+def _open_made(name: str) -> tuple[SharedMemory | None, str]:
+    """Open the segment ``name`` as a status table: ``(segment, "")`` when it is a whole
+    one, else ``(None, problem)``: "being made" while its magic is still zero (the
+    supervisor writes it last), "too small" or "bad magic".  Raises as
+    :class:`SharedMemory` does when opening."""
+    shm = SharedMemory(name=name, create=False)  # waits for an empty one to be sized
+    if shm.size < _SIZE:
+        problem = "too small"
+    else:
+        header = shm.buf[:8].cast("q")
+        magic = header[MAGIC]
+        header.release()
+        if magic == _MAGIC:
+            return shm, ""
+        problem = "being made" if magic == 0 else "bad magic"
+    shm.close()
+    return None, problem
+
+
 class StatusTable:
     """The status segment of one service (see the module docstring).
 
@@ -98,8 +119,7 @@ class StatusTable:
     def create(cls, name: str) -> StatusTable:
         """A new table for this process's service.  Raises as :class:`SharedMemory`."""
         cls.remove(os.getpid())  # left by a dead process of our pid
-        shm = SharedMemory(_HEADER + CAPACITY * _WORDS * 8, name=segment_name(os.getpid()),
-                           exclusive=True)
+        shm = SharedMemory(_SIZE, name=segment_name(os.getpid()), exclusive=True)
         table = cls(shm, owner=True)
         words = table.words
         words[SUPERVISOR], words[STARTED] = os.getpid(), now_ns()
@@ -121,20 +141,20 @@ class StatusTable:
     def open(cls, supervisor_pid: int) -> StatusTable:
         """Map the table of the service run by ``supervisor_pid``.
 
-        Raises ObjectNotFoundError if it has none, ObjectCorruptError if the segment is
-        not a status table, UnsafeObjectError as :class:`SharedMemory` does.
+        A table still being made (its magic not yet written) is waited for, up to a
+        second; an empty segment, up to the time :class:`SharedMemory` gives its creator.
+        Raises ObjectNotFoundError if there is no table, ObjectCorruptError if the segment
+        is not a status table, UnsafeObjectError as :class:`SharedMemory` does.
         """
-        shm = SharedMemory(name=segment_name(supervisor_pid), create=False)
-        if shm.size < _HEADER + CAPACITY * _WORDS * 8:
-            shm.close()
-            raise ObjectCorruptError(f"{segment_name(supervisor_pid)} is not a service status "
-                                     "table (too small)")
-        table = cls(shm, owner=False)
-        if table.words[MAGIC] != _MAGIC:
-            table.close()
-            raise ObjectCorruptError(f"{segment_name(supervisor_pid)} is not a service status "
-                                     "table (bad magic)")
-        return table
+        name = segment_name(supervisor_pid)
+        deadline = time.monotonic() + _MAKING_GRACE
+        while True:
+            shm, problem = _open_made(name)
+            if shm is not None:
+                return cls(shm, owner=False)
+            if problem != "being made" or time.monotonic() >= deadline:
+                raise ObjectCorruptError(f"{name} is not a service status table ({problem})")
+            time.sleep(0.001)
 
     @property
     def name(self) -> str:
