@@ -404,11 +404,17 @@ def _documented_json() -> Any:
 
 
 def test_cli_crash_json_has_the_documented_shape_and_exit_status() -> None:
-    done = _cli("--scenario", "crash", "--guard", "mutex-sysv", "--guard", "mp-lock",
-                "--workers", "2", "--duration", "0.5", "--stall", str(ROOMY_STALL),
-                "--json")
-    assert done.returncode == 0, done.stderr  # mp-lock wedging is the lesson, no failure
-    doc = json.loads(done.stdout)
+    # mp-lock wedges only once a kill lands inside its critical section: within 0.5 s on an
+    # idle machine nearly always, not always on a busy one.  Run again until it has (the
+    # shape of a wedged run is what the docs show).
+    for _ in range(6):
+        done = _cli("--scenario", "crash", "--guard", "mutex-sysv", "--guard", "mp-lock",
+                    "--workers", "2", "--duration", "0.5", "--stall", str(ROOMY_STALL),
+                    "--json")
+        assert done.returncode == 0, done.stderr  # mp-lock wedging is the lesson, no failure
+        doc = json.loads(done.stdout)
+        if doc["runs"][1]["wedged"]:
+            break
     documented = _documented_json()
     assert doc.keys() == documented.keys()
     assert doc["config"].keys() == documented["config"].keys()
