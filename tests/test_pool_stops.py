@@ -12,13 +12,14 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from types import FrameType
 from typing import Any
 
 import pytest
 
 import ipcfork
-from ipcfork import TaskTimeoutError, testing
+from ipcfork import ChildCrashedError, TaskTimeoutError, testing
 from ipcfork.pool import executor, manager
 
 _POLL = {"x86_64": 7}  # poll(2); its third argument is the timeout, -1 for none
@@ -127,6 +128,62 @@ def test_ctrl_c_at_any_line_of_the_first_submit_stops_the_pool_cleanly() -> None
         if not raised:
             break  # every line of submit has had its signal
     assert line > 5  # the loop did walk through submit
+
+
+@pytest.mark.parametrize("mode", [{}, {"tasks_per_child": None}, {"zygote": True}],
+                         ids=["per-task", "persistent", "zygote"])
+def test_ctrl_c_at_any_line_of_a_wait_on_a_future_stops_at_once(mode: dict[str, Any]) -> None:
+    # SIGINT at each line of Future.exception() and the Condition code under it, in turn.
+    # At several of them the main thread holds the future's own lock, which the manager
+    # needs to resolve that future, while the handler (in that same thread) waits for the
+    # manager: the stop used to hang until the handler's bound (grace + 5 s).  Now the
+    # handler resolves the futures itself, and the stop takes no longer than the kill.
+    codes = {Future.exception.__code__, threading.Condition.wait.__code__,
+             threading.Condition.__enter__.__code__, threading.Condition.__exit__.__code__}
+    line = 0
+    while True:
+        line += 1
+        pool = ipcfork.ForkPool(1, grace=1.0, **mode)
+        future = pool.submit(time.sleep, 30)
+        while future.record.pid is None:  # running: nothing but a stop resolves it now
+            time.sleep(0.001)
+        seen = 0
+        raised_at: float | None = None
+
+        def trace(frame: FrameType, event: str, arg: Any, at: int = line) -> Any:
+            nonlocal seen, raised_at
+            if frame.f_code not in codes:
+                return None
+            if event == "line":
+                seen += 1
+                if seen == at and raised_at is None:
+                    raised_at = time.monotonic()
+                    signal.raise_signal(signal.SIGINT)
+            return trace
+
+        sys.settrace(trace)
+        try:
+            future.exception(timeout=0.05)  # past the last line: TimeoutError, no signal
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            # CPython's own flaw: Condition.wait releases the lock one line before the try
+            # whose finally takes it back, so an exception in between makes the ``with``
+            # block's exit fail to release a lock it no longer holds.  Not the pool's.
+            assert not isinstance(exc, RuntimeError) or "un-acquired lock" in str(exc)
+            assert raised_at is not None
+            assert time.monotonic() - raised_at < 3.0, f"line {line}: the stop hung"
+            # Resolved before the KeyboardInterrupt came out: its process was terminated.
+            assert future.done() and isinstance(future.exception(), ChildCrashedError)
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        except TimeoutError:
+            assert raised_at is None
+            os.kill(future.record.pid, signal.SIGKILL)
+        finally:
+            sys.settrace(None)
+        pool.shutdown()
+        assert testing.children() == []
+        if raised_at is None:
+            break  # every line has had its signal
+    assert line > 10  # the loop did walk through the wait
 
 
 MODES = [pytest.param({}, id="per-task"), pytest.param({"tasks_per_child": None},
