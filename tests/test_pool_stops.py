@@ -55,8 +55,7 @@ def test_after_the_grace_period_sigkill_is_sent_once_and_the_manager_sleeps() ->
     try:
         submitted = time.monotonic()
         future = pool.submit(time.sleep, 60)
-        while future.record.pid is None:  # the zygote reported the child it forked
-            time.sleep(0.001)
+        _wait_running(future)  # the zygote reported the child it forked
         os.kill(zygote, signal.SIGSTOP)
         tid = _manager_thread().native_id
         assert tid is not None
@@ -83,6 +82,32 @@ def future_done_or_absent(pool: ipcfork.ForkPool) -> bool:
         if pool._manager.dispatcher is not None else True
 
 
+class _SigintAtLine:
+    """A trace function (for ``sys.settrace``) that raises SIGINT once, at the ``at``-th line
+    run in any of ``codes``; ``raised_at`` says when (None until it has)."""
+
+    def __init__(self, codes: set[Any], at: int) -> None:
+        self.codes, self.at, self.seen = codes, at, 0
+        self.raised_at: float | None = None
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code not in self.codes:
+            return None
+        if event == "line":
+            self.seen += 1
+            if self.seen == self.at and self.raised_at is None:
+                self.raised_at = time.monotonic()
+                signal.raise_signal(signal.SIGINT)
+        return self
+
+
+def _wait_running(future: Any) -> int:
+    """The pid of the process running ``future``'s task, once it runs."""
+    while future.record.pid is None:
+        time.sleep(0.001)
+    return int(future.record.pid)
+
+
 def test_ctrl_c_at_any_line_of_the_first_submit_stops_the_pool_cleanly() -> None:
     # SIGINT raised at each line of the first submit in turn, with the pool's handler in
     # place: the handler must neither deadlock on the pool's lock held by the interrupted
@@ -93,39 +118,25 @@ def test_ctrl_c_at_any_line_of_the_first_submit_stops_the_pool_cleanly() -> None
     while True:
         line += 1
         pool = ipcfork.ForkPool(2)
-        seen = 0
-        raised = False
-
-        def trace(frame: FrameType, event: str, arg: Any, at: int = line) -> Any:
-            nonlocal seen, raised
-            if frame.f_code not in codes:
-                return None
-            if event == "line":
-                seen += 1
-                if seen == at and not raised:
-                    raised = True
-                    signal.raise_signal(signal.SIGINT)
-            return trace
-
+        trace = _SigintAtLine(codes, line)
         interrupted = False
         sys.settrace(trace)
         try:
             future = pool.submit(time.sleep, 30)
             sys.settrace(None)
-            if raised:  # the handler may run just after submit returned
+            if trace.raised_at is not None:  # the handler may run just after submit returned
                 future.result(timeout=30)
         except KeyboardInterrupt:
             interrupted = True
         finally:
             sys.settrace(None)
+        raised = trace.raised_at is not None
         assert raised == interrupted, f"line {line}: the signal was raised: {raised}"
         if raised:  # the handler stopped the pool and put the default handler back
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
             assert future_done_or_absent(pool)
         else:  # submit ran whole: end its 30 s task rather than wait for it
-            while future.record.pid is None:
-                time.sleep(0.001)
-            os.kill(future.record.pid, signal.SIGKILL)
+            os.kill(_wait_running(future), signal.SIGKILL)
         pool.shutdown()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert testing.children() == []
@@ -149,22 +160,8 @@ def test_ctrl_c_at_any_line_of_a_wait_on_a_future_stops_at_once(mode: dict[str, 
         line += 1
         pool = ipcfork.ForkPool(1, grace=1.0, **mode)
         future = pool.submit(time.sleep, 30)
-        while future.record.pid is None:  # running: nothing but a stop resolves it now
-            time.sleep(0.001)
-        seen = 0
-        raised_at: float | None = None
-
-        def trace(frame: FrameType, event: str, arg: Any, at: int = line) -> Any:
-            nonlocal seen, raised_at
-            if frame.f_code not in codes:
-                return None
-            if event == "line":
-                seen += 1
-                if seen == at and raised_at is None:
-                    raised_at = time.monotonic()
-                    signal.raise_signal(signal.SIGINT)
-            return trace
-
+        pid = _wait_running(future)  # running: nothing but a stop resolves it now
+        trace = _SigintAtLine(codes, line)
         sys.settrace(trace)
         try:
             future.exception(timeout=0.05)  # past the last line: TimeoutError, no signal
@@ -173,19 +170,19 @@ def test_ctrl_c_at_any_line_of_a_wait_on_a_future_stops_at_once(mode: dict[str, 
             # whose finally takes it back, so an exception in between makes the ``with``
             # block's exit fail to release a lock it no longer holds.  Not the pool's.
             assert not isinstance(exc, RuntimeError) or "un-acquired lock" in str(exc)
-            assert raised_at is not None
-            assert time.monotonic() - raised_at < 3.0, f"line {line}: the stop hung"
+            assert trace.raised_at is not None
+            assert time.monotonic() - trace.raised_at < 3.0, f"line {line}: the stop hung"
             # Resolved before the KeyboardInterrupt came out: its process was terminated.
             assert future.done() and isinstance(future.exception(), ChildCrashedError)
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         except TimeoutError:
-            assert raised_at is None
-            os.kill(future.record.pid, signal.SIGKILL)
+            assert trace.raised_at is None
+            os.kill(pid, signal.SIGKILL)
         finally:
             sys.settrace(None)
         pool.shutdown()
         assert testing.children() == []
-        if raised_at is None:
+        if trace.raised_at is None:
             break  # every line has had its signal
     assert line > 10  # the loop did walk through the wait
 

@@ -61,7 +61,7 @@ def _pool(timeout: float | None, grace: float) -> ForkPool:
         if pool is None:
             # fork_safety_checks=False: see the module docstring.  handle_signals=False:
             # the worker owns its signals (and this is not the main thread).
-            pool = ForkPool(max(_threads(), 1), timeout=timeout, grace=grace,
+            pool = ForkPool(_threads(), timeout=timeout, grace=grace,
                             handle_signals=False, fork_safety_checks=False)
             _POOLS[key] = pool
             while len(_POOLS) > MAX_POOLS:

@@ -38,6 +38,7 @@ from typing import Any
 from ..errors import InvalidArgumentError, ObjectNotFoundError
 from ..pool.forksafety import EXEMPT_FILES
 from .keys import TaskKey
+from .runlock import check_folder
 
 __all__ = ["DONE", "FAILED", "FORK_GUARD", "FORMAT", "STARTED", "Store", "Writes"]
 
@@ -120,10 +121,7 @@ class Store:
     def __init__(self, path: str, *, durable: bool = False, create: bool = True) -> None:
         self.path = path
         self._identity: tuple[int, int] | None = None
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ObjectNotFoundError(f"ledger {path}: directory {folder} does not exist",
-                                      obj=f"ledger {path!r}")
+        check_folder(path)
         fresh = False
         if create:
             try:  # 0600 whatever the umask: results may be private

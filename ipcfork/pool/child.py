@@ -6,6 +6,7 @@ so no ``finally`` block, atexit handler or buffered output of the parent runs tw
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -72,8 +73,9 @@ def start_child(parent_pid: int, setup: Callable[[], None] | None) -> None:
 def end_child(code: int) -> NoReturn:
     """Flush what Python buffered and ``_exit``: no parent ``finally`` or atexit runs twice."""
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed pipe must not skip the other
+                stream.flush()
     finally:
         os._exit(code)
 

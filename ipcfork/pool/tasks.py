@@ -45,6 +45,7 @@ class TaskFuture(Future[Any]):
     def lock_free_within(self, timeout: float) -> bool:
         """True if the lock every Future method takes could be had within ``timeout``
         seconds (it is let go at once); False if another thread held it all along."""
+        # ``_condition`` is Future's own (CPython, since 3.2): every public method takes it.
         if not self._condition.acquire(timeout=timeout):
             return False
         self._condition.release()

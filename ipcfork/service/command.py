@@ -10,8 +10,9 @@ import os
 import sys
 from typing import Any
 
+from .._os.recordlock import holder_of_path
 from ..errors import IpcforkError, ObjectNotFoundError
-from .pidfile import lock_holder, read_pid
+from .pidfile import read_pid
 from .report import status_lines
 
 __all__ = ["EXIT_NOT_RUNNING", "add_parsers"]
@@ -73,7 +74,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     # The lock's holder is the truth: the content may be mid-replace while a service
     # starts, or name a pid that died (and may have been reused) when the lock is free.
-    holder = lock_holder(args.pidfile)
+    holder = holder_of_path(args.pidfile)  # looks, never takes: a starting service wins
     if holder is None:
         pid = read_pid(args.pidfile)
         why = ("no pidfile" if not os.path.exists(args.pidfile) else

@@ -141,46 +141,46 @@ def _signal_all(pids: list[int], signum: int) -> None:
             os.close(pidfd)
 
 
-def sweep(sentinel: Sentinel | None, grace: float) -> list[tuple[int, int]]:
+def sweep(sentinel: Sentinel | None, grace: float) -> None:
     """At stop: TERM every descendant but the sentinel, wait up to ``grace`` seconds for
-    them, KILL what is left, release the sentinel and reap every child.  Returns what was
-    reaped.  Bounded: everything is SIGKILLed after ``grace``."""
+    them, KILL what is left, release the sentinel and reap every child.  Bounded:
+    everything is SIGKILLed after ``grace``."""
     me = os.getpid()
     spare = {sentinel.pid} if sentinel is not None else set()
-    reaped: list[tuple[int, int]] = []
-    targets = [pid for pid in descendants(me) if pid not in spare]
-    _signal_all(targets, signal.SIGTERM)
+
+    def targets() -> list[int]:
+        return [pid for pid in descendants(me) if pid not in spare]
+
+    left = targets()
+    _signal_all(left, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while targets and time.monotonic() < deadline:
-        reaped += reap_any()
-        targets = [pid for pid in descendants(me) if pid not in spare]
-        if targets:
+    while left and time.monotonic() < deadline:
+        reap_any()
+        left = targets()
+        if left:
             time.sleep(0.01)  # polling /proc: a grandchild cannot be waited for
     # Until nothing is left: a process may fork while we kill its parent.
     for _ in range(100):
-        targets = [pid for pid in descendants(me) if pid not in spare]
-        if not targets:
+        if not left:
             break
-        _signal_all(targets, signal.SIGKILL)
-        reaped += _wait_children(0.2)
+        _signal_all(left, signal.SIGKILL)
+        _wait_children(0.2)
+        left = targets()
     if sentinel is not None:
         sentinel.release()
-    reaped += _wait_children(5.0)
-    return reaped
+    _wait_children(5.0)
 
 
-def _wait_children(limit: float) -> list[tuple[int, int]]:
+def _wait_children(limit: float) -> None:
     """Block reaping children until none is left or ``limit`` seconds pass."""
-    reaped: list[tuple[int, int]] = []
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        reaped += reap_any()
+        reap_any()
         try:
             os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT | os.WNOHANG)
         except ChildProcessError:
-            return reaped
+            return
         except OSError as exc:
             if exc.errno != errno.EINTR:
                 raise
         time.sleep(0.005)
-    return reaped

@@ -44,11 +44,6 @@ class Notifier:
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 2e6
 
-    @property
-    def enabled(self) -> bool:
-        """True when ``NOTIFY_SOCKET`` names a socket to talk to."""
-        return self._socket is not None
-
     def send(self, *lines: str) -> None:
         """Send ``lines`` as one datagram, without blocking.  A failure (no listener, a full
         queue) is logged once and never raised: a listener that stopped reading must not

@@ -23,10 +23,10 @@ import errno
 import fcntl
 import os
 
-from .._os.recordlock import holder_of, holder_of_path
+from .._os.recordlock import holder_of
 from ..errors import InvalidArgumentError, ServiceError, ServiceRunningError, UnsafeObjectError
 
-__all__ = ["Pidfile", "lock_holder", "read_pid"]
+__all__ = ["Pidfile", "read_pid"]
 
 _ATTEMPTS = 10
 
@@ -46,13 +46,6 @@ def read_pid(path: str) -> int | None:
             return _parse_pid(file.read(32))
     except FileNotFoundError:
         return None
-
-
-def lock_holder(path: str) -> int | None:
-    """The pid of the process that holds the lock on ``path`` (None if nobody does or the file
-    is missing).  Tests the lock without taking it, so a starting service is never refused
-    because somebody looked."""
-    return holder_of_path(path)
 
 
 def _check_safe(fd: int, path: str, allow_foreign: bool) -> None:

@@ -30,14 +30,14 @@ class RestartPolicy:
         self._recent: deque[float] = deque()
         self._delays: dict[int, float] = {}
         self._streaks: dict[int, int] = {}  # slot -> quick deaths in a row
-        self.total = 0
+        self.by_slot: dict[int, int] = {}  # slot -> unrequested exits, all told
         self.reason = ""  # which rule made the last crash loop
 
     def record_exit(self, slot: int, lived: float, now: float) -> float | None:
         """A worker of ``slot`` that ran ``lived`` seconds ended without being asked to.
         Returns the delay before its replacement, or None when this exit makes a crash loop
         (the caller stops the service)."""
-        self.total += 1
+        self.by_slot[slot] = self.by_slot.get(slot, 0) + 1
         self._recent.append(now)
         while self._recent and self._recent[0] < now - self.restart_window:
             self._recent.popleft()
@@ -60,6 +60,7 @@ class RestartPolicy:
         self._delays[slot] = delay
         return delay
 
-    def recent(self) -> int:
-        """Unrequested exits counted in the current window."""
-        return len(self._recent)
+    @property
+    def total(self) -> int:
+        """Unrequested exits of every slot, all told."""
+        return sum(self.by_slot.values())

@@ -42,8 +42,9 @@ ROW_STATE, SLOT, PID, ROW_GENERATION, ROW_STARTED, HEARTBEAT, UNITS, ROW_RESTART
     range(_WORDS)
 FREE, RUNNING, DRAINING = 0, 1, 2
 ROW_STATES = {FREE: "free", RUNNING: "running", DRAINING: "draining"}
-SERVICE_STATES = {0: "starting", 1: "running", 2: "reloading", 3: "stopping"}
 STARTING, SERVICE_RUNNING, RELOADING, STOPPING = range(4)
+SERVICE_STATES = {STARTING: "starting", SERVICE_RUNNING: "running",
+                  RELOADING: "reloading", STOPPING: "stopping"}
 
 
 def segment_name(supervisor_pid: int) -> str:

@@ -27,6 +27,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ..errors import CrashLoopError
+from ..pool.dispatcher import read_available
 from ..pool.tasks import signal_name
 from . import descendants
 from .notify import Notifier, monotonic_usec
@@ -50,7 +51,7 @@ from .status import (
 from .worker import WorkerContext, run_worker
 
 if TYPE_CHECKING:
-    from .service import Service, Work
+    from .service import Service
 
 __all__ = ["FAST_GRACE", "Supervisor"]
 
@@ -89,12 +90,10 @@ class Supervisor:
 
     def __init__(self, service: Service) -> None:
         self.service = service
-        self.work: Work = service.work
         self.count = service.workers
         self.generation = 1
         self.workers: dict[int, Proc] = {}
         self.pending: dict[int, float] = {}  # slot -> when its replacement is due
-        self.slot_restarts: dict[int, int] = {}
         self.policy = RestartPolicy(service.max_restarts, service.restart_window or 60.0)
         self.stop_mode: str | None = None
         self.failure: str | None = None
@@ -109,7 +108,6 @@ class Supervisor:
         self.pidfile: Pidfile | None = None
         self.wake_r = self.wake_w = -1
         self.drain = service.drain_timeout or 0.0
-        self.said_stopping = False
 
     # -- set up and tear down -----------------------------------------------------------
 
@@ -183,7 +181,7 @@ class Supervisor:
                 StatusTable.remove(pid)
 
     def _sweep(self) -> None:
-        if not self.said_stopping:
+        if self.stop_mode is None:  # _begin_stop has not said it
             self.notifier.send("STOPPING=1")
         descendants.sweep(self.sentinel, SWEEP_GRACE if self.stop_mode == "graceful"
                           else FAST_GRACE / 2)
@@ -219,9 +217,7 @@ class Supervisor:
             return
         with contextlib.suppress(InterruptedError):
             select.select([self.wake_r], [], [], max(0.0, min(seconds, MAX_SLEEP)))
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.wake_r, 512):
-                pass
+        read_available(self.wake_r)  # emptied: the next select waits again
 
     def _next_event(self, now: float) -> float:
         times = [now + MAX_SLEEP, *self.pending.values()]
@@ -262,7 +258,6 @@ class Supervisor:
         self.stop_mode = mode
         self.pending.clear()
         self.notifier.send("STOPPING=1")
-        self.said_stopping = True
         self.table.set_header(STATE, STOPPING)
         grace = self.drain if mode == "graceful" else FAST_GRACE
         how = signal.SIGTERM if mode == "graceful" else signal.SIGINT
@@ -292,7 +287,7 @@ class Supervisor:
                                 "draining workers have ended")
             return
         try:
-            work = self.service.reloaded_work()
+            self.service.reloaded_work()  # the next forks run it
         except Exception as exc:
             self._refuse_reload(f"{type(exc).__name__}: {exc}")
             return
@@ -300,7 +295,6 @@ class Supervisor:
                            "STATUS=reloading")
         self.table.set_header(STATE, RELOADING)
         old = [proc for proc in self.workers.values() if not proc.draining]
-        self.work = work
         self.generation += 1
         self.table.set_header(GENERATION, self.generation)
         self.pending.clear()
@@ -349,7 +343,6 @@ class Supervisor:
 
     def _replace(self, proc: Proc, how: str, now: float) -> None:
         delay = self.policy.record_exit(proc.slot, now - proc.started, now)
-        self.slot_restarts[proc.slot] = self.slot_restarts.get(proc.slot, 0) + 1
         self.table.set_header(RESTARTS, self.policy.total)
         if delay is None:
             self.failure = (f"crash loop: {self.policy.reason}; the last: worker {proc.slot} "
@@ -398,7 +391,7 @@ class Supervisor:
                 self._spawn(slot, now)
 
     def _spawn(self, slot: int, now: float) -> None:
-        restarts = self.slot_restarts.get(slot, 0)
+        restarts = self.policy.by_slot.get(slot, 0)
         try:
             row = self.table.claim(slot, self.generation, restarts)
         except LookupError:  # only after TTIN beyond the room that draining workers left
@@ -425,7 +418,7 @@ class Supervisor:
             keep_out = (self.wake_r, self.wake_w,
                         self.sentinel.pipe if self.sentinel is not None else -1,
                         self.pidfile.fd if self.pidfile and self.pidfile.fd is not None else -1)
-            run_worker(self.work, context, supervisor=self.pid, group=group,
+            run_worker(self.service.work, context, supervisor=self.pid, group=group,
                        close_fds=tuple(fd for fd in keep_out if fd >= 0), blocked=_HANDLED)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         if self.sentinel is not None:

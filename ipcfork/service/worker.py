@@ -13,13 +13,13 @@ import logging
 import os
 import select
 import signal
-import sys
 import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, NoReturn
 
-from ..pool.child import die_with_parent
+from ..pool.child import die_with_parent, end_child
+from ..pool.dispatcher import read_available
 from .status import DRAINING, ROW_STATE, StatusTable
 
 __all__ = ["WorkerContext", "run_worker"]
@@ -88,9 +88,7 @@ class WorkerContext:
             # wakeup pipe at once, so select returns as the signal lands (a plain sleep
             # would be resumed for its whole time by PEP 475).
             select.select([self._wake_fd], [], [], min(left, 1.0))
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._wake_fd, 512):
-                    pass
+            read_available(self._wake_fd)  # emptied: the next select waits again
         return self.stopping
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
@@ -148,7 +146,4 @@ def run_worker(work: Callable[[WorkerContext], Any], ctx: WorkerContext, *, supe
     except BaseException:
         _log.exception("worker %d (pid %d) raised", ctx.index, os.getpid())
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+        end_child(code)
