@@ -43,6 +43,10 @@ def _lock_path(path: str) -> str:
 def holder(path: str) -> int | None:
     """The pid of the live process that holds ``path``'s run lock, or None (no run, or no
     sidecar yet).  Takes no lock."""
+    # Asked in the holding process, the query's open and close of the sidecar would drop
+    # our own lock (POSIX locks go with any close of the file): answer from _HELD.
+    if os.path.realpath(path) in _HELD:
+        return os.getpid()
     return holder_of_path(_lock_path(path))
 
 
