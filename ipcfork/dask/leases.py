@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from typing import Any
 
+from .._os.timeouts import Deadline
 from ..errors import ObjectNotFoundError
 
 __all__ = ["SLICE", "take_lease"]
@@ -53,9 +53,10 @@ def take_lease(dask_semaphore: Any, wait: float | None) -> bool:
     the wait raises (KeyboardInterrupt...), after arranging that a lease granted to the
     interrupted request is given back; ObjectNotFoundError once the semaphore was
     unlinked."""
-    deadline = None if wait is None else time.monotonic() + wait
+    deadline = Deadline(wait)
     while True:
-        left = SLICE if deadline is None else max(0.0, min(SLICE, deadline - time.monotonic()))
+        remaining = deadline.remaining()
+        left = SLICE if remaining is None else min(SLICE, remaining)
         lease_id = uuid.uuid4().hex
         try:
             granted = dask_semaphore.sync(_request, dask_semaphore, left, lease_id)
@@ -70,5 +71,5 @@ def take_lease(dask_semaphore: Any, wait: float | None) -> bool:
         if granted:
             dask_semaphore._leases.append(lease_id)  # dask refreshes and releases its own
             return True
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline.expired():
             return False

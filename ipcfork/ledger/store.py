@@ -102,9 +102,17 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
 
 
 @contextlib.contextmanager
-def _guarded() -> Iterator[None]:
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on any exception),
+    under the fork guard."""
     with FORK_GUARD:
-        yield
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 # -- the database -------------------------------------------------------------------------
@@ -137,13 +145,13 @@ class Store:
         if os.path.isdir(path):
             raise InvalidArgumentError(f"ledger {path} is a directory, not a file")
         fresh = fresh or os.path.getsize(path) == 0
-        with _guarded():
+        with FORK_GUARD:
             # isolation_level=None: we issue BEGIN and COMMIT ourselves (grouped commits).
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             self._check_format(fresh)
             synchronous = "FULL" if durable else "NORMAL"
-            with _guarded():
+            with FORK_GUARD:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute(f"PRAGMA synchronous={synchronous}")
                 self.conn.execute("PRAGMA busy_timeout=5000")
@@ -162,7 +170,7 @@ class Store:
         if fresh:
             return
         try:
-            with _guarded():
+            with FORK_GUARD:
                 tables = {row[0] for row in self.conn.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'table'")}
                 found = None
@@ -185,7 +193,7 @@ class Store:
             self._identity = None
         conn = getattr(self, "conn", None)
         if conn is not None:
-            with _guarded():
+            with FORK_GUARD:
                 conn.close()
             del self.conn
 
@@ -193,7 +201,7 @@ class Store:
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         """The rows of one SELECT."""
-        with _guarded():
+        with FORK_GUARD:
             return self.conn.execute(sql, args).fetchall()
 
     def meta(self) -> dict[str, Any]:
@@ -214,18 +222,12 @@ class Store:
 
     def execute(self, *statements: tuple[str, tuple[Any, ...]]) -> None:
         """Run ``statements`` in one transaction."""
-        with _guarded():
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in statements:
-                    self.conn.execute(sql, args)
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
+        with _transaction(self.conn):
+            for sql, args in statements:
+                self.conn.execute(sql, args)
 
     def begin_run(self, total: int | None) -> int:
-        with _guarded():
+        with FORK_GUARD:
             cursor = self.conn.execute(
                 "INSERT INTO runs (pid, started, total) VALUES (?, ?, ?)",
                 (os.getpid(), time.time(), total))
@@ -281,31 +283,25 @@ class Writes:
             return
         deleted = [(key,) for key, prior in self.reverts if prior is None]
         restored = [(prior, key) for key, prior in self.reverts if prior is not None]
-        with _guarded():
-            conn = store.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if self.started:
-                    conn.executemany(
-                        "INSERT INTO tasks (key, fingerprint, state, attempts, run, started) "
-                        "VALUES (?, ?, 'started', 1, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-                        "state = 'started', attempts = attempts + 1, run = excluded.run, "
-                        "started = excluded.started, finished = NULL, seconds = NULL",
-                        self.started.values())
-                if self.outcomes:
-                    conn.executemany(
-                        "UPDATE tasks SET state = ?, finished = ?, seconds = ?, result = ?, "
-                        "error = ?, error_type = ?, error_message = ?, traceback = ? "
-                        "WHERE key = ?", self.outcomes)
-                if deleted:
-                    conn.executemany("DELETE FROM tasks WHERE key = ?", deleted)
-                if restored:
-                    conn.executemany("UPDATE tasks SET state = ?, attempts = attempts - 1 "
-                                     "WHERE key = ?", restored)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        conn = store.conn
+        with _transaction(conn):
+            if self.started:
+                conn.executemany(
+                    "INSERT INTO tasks (key, fingerprint, state, attempts, run, started) "
+                    "VALUES (?, ?, 'started', 1, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                    "state = 'started', attempts = attempts + 1, run = excluded.run, "
+                    "started = excluded.started, finished = NULL, seconds = NULL",
+                    self.started.values())
+            if self.outcomes:
+                conn.executemany(
+                    "UPDATE tasks SET state = ?, finished = ?, seconds = ?, result = ?, "
+                    "error = ?, error_type = ?, error_message = ?, traceback = ? "
+                    "WHERE key = ?", self.outcomes)
+            if deleted:
+                conn.executemany("DELETE FROM tasks WHERE key = ?", deleted)
+            if restored:
+                conn.executemany("UPDATE tasks SET state = ?, attempts = attempts - 1 "
+                                 "WHERE key = ?", restored)
         self.started.clear()
         self.outcomes.clear()
         self.reverts.clear()

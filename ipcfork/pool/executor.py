@@ -179,13 +179,13 @@ class ForkPool(Executor):
         otherwise (no adaptive batches), and recorded results may come first.
         """
         if ledger is not None:
-            results = self._ledger(fn, (iterable,), False, chunksize or 1, in_flight,
+            results = self._ledger(fn, (iterable,), False,
+                                   1 if chunksize is None else chunksize, in_flight,
                                    ledger, key, fingerprint, uncertain, retry_failed)
         else:
             results = self._imap_unordered(fn, iterable, in_flight, chunksize)
         if progress:
-            total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
-            return with_progress(results, total, getattr(fn, "__name__", "tasks"))
+            return with_progress(results, _length((iterable,)), getattr(fn, "__name__", "tasks"))
         return results
 
     def _imap_unordered(self, fn: Callable[..., Any], iterable: Iterable[Any],
@@ -230,16 +230,14 @@ class ForkPool(Executor):
         else:
             results = self._map(fn, iterables, timeout, chunksize)
         if progress:
-            sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
-            total = min(sizes) if len(sizes) == len(iterables) else None
-            return with_progress(results, total, getattr(fn, "__name__", "tasks"))
+            return with_progress(results, _length(iterables), getattr(fn, "__name__", "tasks"))
         return results
 
     def _chunksize(self, iterables: tuple[Iterable[Any], ...], chunksize: int | None) -> int:
         if chunksize is None:
             chunksize = 1
-            if self._options.persistent and all(hasattr(it, "__len__") for it in iterables):
-                total = min(len(it) for it in iterables)  # type: ignore[arg-type]
+            total = _length(iterables) if self._options.persistent else None
+            if total is not None:
                 chunksize = max(1, -(-total // (self.max_workers * 4)))
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise InvalidArgumentError(f"chunksize must be an int >= 1, not {chunksize!r}")
@@ -257,8 +255,7 @@ class ForkPool(Executor):
         if not callable(fn):
             raise InvalidArgumentError(f"{fn!r} is not callable")
         _check_sizes(in_flight, chunksize)
-        sizes = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
-        total = min(sizes) if len(sizes) == len(iterables) else None
+        total = _length(iterables)
         items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
         manager, persistent = self._manager, self._options.persistent
         # A deeper window than a plain stream's when forking per task: new tasks reach the
@@ -300,6 +297,14 @@ class ForkPool(Executor):
         """Stop at once (called from the signal handler): no new forks, children terminated
         and reaped before this returns (see ``Manager.abort`` for the bound on the wait)."""
         self._manager.abort(signum, kill_now)
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many calls ``iterables`` make (the shortest one's length), or None when one of
+    them has no length."""
+    if not all(hasattr(it, "__len__") for it in iterables):
+        return None
+    return min(len(it) for it in iterables)  # type: ignore[arg-type]
 
 
 def _check_sizes(in_flight: int | None, chunksize: int | None) -> None:

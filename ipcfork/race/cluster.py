@@ -17,12 +17,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .guards import guard_spec
+from .guards import GUARDS, guard_spec
 from .runner import RunResult
 
 __all__ = ["CLUSTER_GUARDS", "DEFAULT_CLUSTER_ITERATIONS", "cluster_sweep", "open_cluster"]
 
-CLUSTER_GUARDS = ("none", "mutex-dask", "counter-dask")
+CLUSTER_GUARDS = ("none", *(name for name, spec in GUARDS.items() if spec.cluster))
 DEFAULT_CLUSTER_ITERATIONS = 200  # a few hundred scheduler round trips per worker
 START_WAIT = 60.0
 

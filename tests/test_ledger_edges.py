@@ -1,6 +1,7 @@
-"""The run lock of a ledger survives the running process reading its own ledger.
+"""Edges of resumable batches found by reading the code again.
 
-POSIX record locks belong to the process and go with *any* close of the file: asking who
+The run lock of a ledger survives the running process reading its own ledger: POSIX record
+locks belong to the process and go with *any* close of the file: asking who
 holds the lock (``F_GETLK`` on a descriptor opened for the question) from the process that
 holds it would drop it, and a second run elsewhere could then start beside the live one."""
 
@@ -10,6 +11,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import ipcfork
 
@@ -35,3 +38,12 @@ def test_reading_the_ledger_during_a_run_keeps_its_run_lock(tmp_path: Path) -> N
         assert other.returncode == 1
         assert f"LedgerBusyError: ledger {ledger} is in use: pid {os.getpid()}" in other.stderr
         run.close()
+
+
+def test_a_zero_chunksize_is_refused_with_a_ledger_as_without(tmp_path: Path) -> None:
+    ledger = str(tmp_path / "batch.sqlite")
+    with ipcfork.ForkPool(1) as pool:
+        for extra in ({}, {"ledger": ledger}):
+            with pytest.raises(ipcfork.InvalidArgumentError,
+                               match="chunksize must be an int >= 1, not 0"):
+                pool.imap_unordered(square, range(3), chunksize=0, **extra)
