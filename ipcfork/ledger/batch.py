@@ -41,7 +41,7 @@ from ..errors import (
     UncertainTasksError,
 )
 from ..pool.tasks import StreamTask
-from .child import failure, run_items
+from .child import failure, recorded_outcome, run_items, stored_error
 from .keys import TaskKey, check_callable, fingerprint_of, function_name, key_of
 from .runlock import RunLock, check_folder
 from .store import DONE, FAILED, STARTED, Store, Writes
@@ -172,22 +172,6 @@ def _ordered(events: Generator[Event, None, None], path: str) -> Iterator[Any]:
                     break
     if held:
         raise _held_error([key for _, key in sorted(held)], path)
-
-
-def stored_error(key: TaskKey, blob: bytes | None, type_name: str, message: str,
-                 text: str | None) -> BaseException:
-    """The exception a failed task raised, rebuilt from the ledger (its traceback as
-    ``__cause__``, as a plain run gives it)."""
-    error: Any = None
-    if blob is not None:
-        with contextlib.suppress(Exception):
-            error = pickle.loads(blob)
-    if not isinstance(error, BaseException):
-        error = ChildCrashedError(f"task {key!r} raised an exception that could not be "
-                                  f"pickled: {type_name}: {message}")
-    if text:
-        error.__cause__ = RemoteTraceback(f'\n"""\n{text}"""')
-    return error  # type: ignore[no-any-return]
 
 
 class _Engine:
@@ -331,10 +315,8 @@ class _Engine:
     def _recorded_event(self, store: Store, position: int, key: TaskKey) -> Event:
         row = store.outcome(key)
         assert row is not None
-        state, result, error, error_type, message, text = row
-        if state == DONE:
-            return (position, key, RESULT, pickle.loads(result))
-        return (position, key, ERROR, stored_error(key, error, error_type, message, text))
+        done, value = recorded_outcome(key, row)
+        return (position, key, RESULT if done else ERROR, value)
 
     def _commit_due(self, writes: Writes, exhausted: bool) -> bool:
         if not len(writes):

@@ -11,14 +11,16 @@ fails in the task with a clear message, and the parent stores the bytes as they 
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import IpcforkError
+from ..errors import ChildCrashedError, IpcforkError, RemoteTraceback
 from .keys import TaskKey
+from .store import DONE
 
 __all__ = ["Outcome", "error_type_name", "run_items", "task_key"]
 
@@ -92,3 +94,28 @@ def run_items(fn: Callable[..., Any], keys: Sequence[TaskKey], items: Sequence[A
     finally:
         _current[0] = _NO_KEY
     return outcomes
+
+
+def stored_error(key: TaskKey, blob: bytes | None, type_name: str, message: str,
+                 text: str | None) -> BaseException:
+    """The exception a failed task raised, rebuilt from the ledger (its traceback as
+    ``__cause__``, as a plain run gives it)."""
+    error: Any = None
+    if blob is not None:
+        with contextlib.suppress(Exception):
+            error = pickle.loads(blob)
+    if not isinstance(error, BaseException):
+        error = ChildCrashedError(f"task {key!r} raised an exception that could not be "
+                                  f"pickled: {type_name}: {message}")
+    if text:
+        error.__cause__ = RemoteTraceback(f'\n"""\n{text}"""')
+    return error  # type: ignore[no-any-return]
+
+
+def recorded_outcome(key: TaskKey, row: tuple[Any, ...]) -> tuple[bool, Any]:
+    """A finished task's row from the ledger (``Store.outcome``) as ``(True, result)`` or
+    ``(False, the exception it raised)``."""
+    state, result, error, error_type, message, text = row
+    if state == DONE:
+        return True, pickle.loads(result)
+    return False, stored_error(key, error, error_type, message, text)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import InvalidArgumentError
-from .child import failure
+from .child import failure, recorded_outcome
 from .keys import TaskKey
 from .runlock import RunLock, holder
 from .store import DONE, FAILED, STARTED, Store
@@ -83,16 +83,14 @@ class Ledger:
     def result(self, key: TaskKey) -> Any:
         """The recorded result of the task ``key``.  Raises the task's exception if it
         failed, and InvalidArgumentError if it has no outcome (never run, or uncertain)."""
-        from .batch import stored_error
-
         with self._open(write=False) as store:
             row = store.outcome(key)
         if row is None or row[0] == STARTED:
             raise InvalidArgumentError(f"ledger {self.path}: task {key!r} has no outcome")
-        state, result, error, error_type, message, text = row
-        if state == DONE:
-            return pickle.loads(result)
-        raise stored_error(key, error, error_type, message, text)
+        done, value = recorded_outcome(key, row)
+        if done:
+            return value
+        raise value
 
     def settle(self, key: TaskKey, result: Any = _NOTHING, *,
                error: BaseException | None = None) -> None:
